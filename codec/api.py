@@ -1,0 +1,216 @@
+"""The public entry points: quantize/dequantize stop at the QTensor, encode/decode go to bytes."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+from . import bitpack, container, mappings
+from .container import FLAG_RESTRICTED, FLAG_SIGNED
+from .qtensor import QTensor
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _as_input(x: Any) -> tuple[np.ndarray, np.dtype]:
+    """Validate the input tensor; return it as C-contiguous native float32 and its dtype."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"input is not an array: {exc}") from None
+    if arr.dtype.kind != "f" or arr.dtype.type not in _FLOAT_DTYPES:
+        raise TypeError(f"input dtype must be float16, float32 or float64, not {arr.dtype}")
+    dtype = arr.dtype.newbyteorder("=")
+    if dtype == np.float64 and arr.size:
+        finite = arr[np.isfinite(arr)]
+        if finite.size and np.abs(finite).max() > _F32_MAX:
+            raise ValueError("float64 input has finite values beyond the float32 range")
+    # not ascontiguousarray: it turns a 0-d scalar into shape (1,)
+    return np.asarray(arr, dtype=np.float32, order="C"), np.dtype(dtype)
+
+
+def _check_nan(x: np.ndarray, allow_inf: bool) -> None:
+    if x.size == 0:
+        return
+    lo, hi = np.min(x), np.max(x)  # NaN propagates through min/max: one cheap pass each
+    if np.isnan(lo) or np.isnan(hi):
+        raise ValueError("input contains NaN")
+    if not allow_inf and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("input contains Inf; give explicit parameters to saturate it")
+
+
+def _as_bits(bits: Any) -> int:
+    if isinstance(bits, bool):
+        raise TypeError("bits must be an integer")
+    try:
+        return operator.index(bits)
+    except TypeError:
+        raise TypeError(f"bits must be an integer, not {type(bits).__name__}") from None
+
+
+def _as_axis(axis: Any, ndim: int) -> int | None:
+    if axis is None:
+        return None
+    if isinstance(axis, bool):
+        raise TypeError("axis must be an integer or None")
+    try:
+        a = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer or None, not {type(axis).__name__}") from None
+    if not -ndim <= a < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {ndim}-d tensor")
+    return a % ndim
+
+
+def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
+              opts: dict[str, Any]) -> tuple[QTensor, bool]:
+    mapping = mappings.get(method)
+    unknown = set(opts) - set(mapping.options) - {"signed"}
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for method {method!r}; "
+                         f"accepted: {sorted(mapping.options)}")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    x32, dtype = _as_input(x)
+    bits = _as_bits(bits)
+    axis = _as_axis(axis, x32.ndim)
+    if signed is not None and not isinstance(signed, (bool, np.bool_)):
+        raise TypeError("signed must be True, False or None")
+    given = any(p.name in opts for p in mapping.params if p.name not in ("mu",))
+    _check_nan(x32, allow_inf=given)
+    # Validate bits for the requested sign first, then for the fitted one.
+    for s in ({True, False} if signed is None else {bool(signed)}):
+        lo, hi = mapping.bit_range(s)
+        if signed is not None and not lo <= bits <= hi:
+            raise ValueError(f"{method}: bits must be in [{lo}, {hi}]"
+                             f"{' for signed codes' if s else ''}, got {bits}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"{method}: bits must be in [1, 8], got {bits}")
+    is_signed, params = mapping.fit(x32, bits, axis, signed, opts)
+    lo, hi = mapping.bit_range(is_signed)
+    if not lo <= bits <= hi:
+        raise ValueError(f"{method}: bits must be in [{lo}, {hi}] for "
+                         f"{'signed' if is_signed else 'unsigned'} codes, got {bits}")
+    mapping.check(params, bits, is_signed)
+    restricted = bool(opts.get("restricted", False))
+    codes = mapping.quantize(x32, bits, axis, is_signed, params, restricted=restricted)
+    scale = params.get("scale") if mapping.linear else None
+    zp = params.get("zero_point", np.zeros_like(scale, dtype=np.int16)) if mapping.linear else None
+    extra = {k: v for k, v in params.items() if k not in ("scale", "zero_point")}
+    q = QTensor(codes=codes, method=mapping.name, bits=bits, axis=axis, scale=scale,
+                zero_point=zp, params=extra, dtype=dtype)
+    return q, restricted and is_signed
+
+
+def quantize(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None,
+             scale: Any = None, zero_point: Any = None, signed: bool | None = None,
+             **params: Any) -> QTensor:
+    """Map ``x`` to integer codes. Given ``scale``/``zero_point`` (or a method's own
+    parameters) skip calibration, with ONNX QuantizeLinear semantics for linear methods."""
+    if scale is not None:
+        params["scale"] = scale
+    if zero_point is not None:
+        params["zero_point"] = zero_point
+    return _quantize(x, method, bits, axis, signed, params)[0]
+
+
+def _stream_params(q: QTensor) -> dict[str, np.ndarray]:
+    mapping = mappings.get(q.method)
+    return {p.name: q.param(p.name) for p in mapping.params}
+
+
+def dequantize(q: QTensor) -> np.ndarray:
+    """Reconstruct float32 values from a QTensor."""
+    mapping = mappings.get(q.method)
+    return mapping.dequantize(q.codes, q.bits, q.axis, q.signed, _stream_params(q))
+
+
+def _stored(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes offset by N/2 into [0, N-1], as uint8."""
+    u = codes.view(np.uint8)
+    if codes.dtype != np.int8:
+        return u
+    out = np.asarray(u + np.uint8(1 << (bits - 1)))  # asarray: 0-d arithmetic gives a scalar
+    if bits < 8:
+        out &= np.uint8((1 << bits) - 1)
+    return out
+
+
+def encode(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None,
+           **params: Any) -> bytes:
+    """Quantize and pack ``x`` into a self-describing, checksummed bitstream."""
+    signed = params.pop("signed", None)
+    q, restricted = _quantize(x, method, bits, axis, signed, params)
+    return encode_qtensor(q, restricted=restricted)
+
+
+def encode_qtensor(q: QTensor, restricted: bool = False) -> bytes:
+    """Serialize an existing QTensor (codes must lie in its bit range)."""
+    mapping = mappings.get(q.method)
+    payload = bitpack.pack(_stored(q.codes, q.bits), q.bits)
+    flags = (FLAG_SIGNED if q.signed else 0) | (FLAG_RESTRICTED if restricted else 0)
+    header = container.write_header(mapping, flags, container.CODING_RAW, q.dtype, q.bits,
+                                    q.shape, q.axis, _stream_params(q), payload.size)
+    return container.seal(header, payload)
+
+
+def decode_qtensor(blob: bytes | bytearray | memoryview,
+                   max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> QTensor:
+    """Parse and verify a stream and unpack its codes, without dequantizing."""
+    h = container.parse(blob, max_elements)
+    payload = memoryview(blob).cast("B")[h.payload_offset: h.payload_offset + h.payload_size]
+    codes = bitpack.unpack(payload, h.bits, h.size).reshape(h.shape)
+    if h.signed:  # stored s = code + N/2; uint8 wrap-around then an int8 view undoes it
+        codes -= np.uint8(1 << (h.bits - 1))
+        codes = codes.view(np.int8)
+    params = dict(h.params)
+    scale = params.pop("scale", None) if h.mapping.linear else None
+    zp = params.pop("zero_point", None) if h.mapping.linear else None
+    if h.mapping.linear and zp is None:
+        zp = np.zeros_like(scale, dtype=np.int16)
+    return QTensor(codes=codes, method=h.mapping.name, bits=h.bits, axis=h.axis, scale=scale,
+                   zero_point=zp, params=params, dtype=h.dtype)
+
+
+def decode(blob: bytes | bytearray | memoryview,
+           max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """Verify and decode a stream to an array of its original shape and dtype."""
+    q = decode_qtensor(blob, max_elements)
+    out = dequantize(q)
+    return out if q.dtype == np.float32 else out.astype(q.dtype)
+
+
+def inspect(blob: bytes | bytearray | memoryview,
+            max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> dict[str, Any]:
+    """A stream's header as plain Python values, without decoding the payload."""
+    h = container.parse(blob, max_elements)
+    n = h.size
+    original = n * h.dtype.itemsize
+    return {
+        "format_version": h.version,
+        "method": h.mapping.name,
+        "bits": h.bits,
+        "signed": h.signed,
+        "restricted": bool(h.flags & FLAG_RESTRICTED),
+        "shape": list(h.shape),
+        "dtype": h.dtype.name,
+        "axis": h.axis,
+        "params": {k: (v.item() if v.ndim == 0 else v.tolist()) for k, v in h.params.items()},
+        "elements": n,
+        "header_bytes": h.payload_offset,
+        "payload_bytes": h.payload_size,
+        "total_bytes": h.total_size,
+        "original_bytes": original,
+        "ratio": (original / h.total_size),
+        "bits_per_element": (8 * h.total_size / n) if n else None,
+    }
+
+
+def methods() -> list[dict[str, Any]]:
+    """The registered methods with their bit ranges and parameters."""
+    return mappings.methods()

@@ -1,0 +1,136 @@
+"""Logarithmic quantization: |x̂| ∈ {r·β^(−j)} ∪ {0}, sign kept.
+
+Levels are geometric, so the relative error is the same at every magnitude.
+Magnitudes round in the log domain between levels (geometric midpoints);
+below the smallest level s they go to the exact zero when |x| < s/2.
+Unsigned codes k ∈ [0, N−1] (k = 0 is zero); signed codes are ±k with
+k ≤ N/2 − 1. β is fitted by trying the dynamic ranges that put the smallest
+level at a few low quantiles of |x| and keeping the one with least error
+on a deterministic sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .base import Param, Params, as_param, channels
+from .blocks import CHUNK, iter_blocks, pick
+from .compander import Compander
+
+_QUANTILES = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 35.0)
+_SAMPLE = 4096
+
+
+def _magnitudes(bits: int, signed: bool) -> int:
+    return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+
+
+def _index(a: np.ndarray, log_r: np.ndarray, log_b: np.ndarray, m: int,
+           out: np.ndarray) -> np.ndarray:
+    """Level index k ∈ [0, m] of magnitudes ``a`` (float32), into ``out``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.log(a, out=out)
+        out -= log_r
+        out /= log_b
+        out += m
+        np.rint(out, out=out)
+    np.clip(out, 1, m, out=out)
+    # Below the smallest level s = r·β^(1−m): zero when |x| < s/2.
+    small = np.exp(log_r - (m - 1) * log_b).astype(np.float32) * np.float32(0.5)
+    out[a < small] = 0
+    return out
+
+
+class Log(Compander):
+    name = "log"
+    id = 4
+    summary = "logarithmic levels with an exact zero: constant relative error over a wide range"
+    params = (
+        Param("beta", "<f4", True, "ratio β > 1 between neighbouring levels"),
+        Param("max_abs", "<f4", True, "largest level r"),
+    )
+    options = {
+        "beta": "level ratio β > 1 (scalar or per channel); default fitted to the data",
+        "max_abs": "largest level r (scalar or per channel); default max|x|",
+        "signed": "sign-carrying variant; default: unsigned when the data is non-negative",
+    }
+
+    def fit_extra(self, x: np.ndarray, axis: int | None, bits: int, signed: bool,
+                  max_abs: np.ndarray, opts: dict[str, Any]) -> Params:
+        c = channels(x, axis)
+        if opts.get("beta") is not None:
+            return {"beta": as_param(opts["beta"], "beta", np.float32, axis, c)}
+        m = _magnitudes(bits, signed)
+        r = np.asarray(max_abs, np.float64).reshape(-1, 1)
+        if m < 2 or x.size == 0 or not np.all(np.isfinite(r) & (r > 0)):  # bad r: check() refuses
+            return {"beta": np.full(max_abs.shape, 2.0, np.float32)}
+        sample = _sample(x, axis, c)  # (C, S) of |x|, NaN where zero or padding
+        best_err = np.full(c, np.inf)
+        best = np.full(c, 2.0)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN row: an all-zero channel
+            qs = np.nanpercentile(sample, _QUANTILES, axis=1)  # (Q, C)
+        for q in qs:
+            low = np.where(np.isfinite(q) & (q > 0) & (q < r[:, 0]), q, r[:, 0] / 2**12)
+            beta = np.maximum((r[:, 0] / low) ** (1.0 / (m - 1)), 1.0 + 2.0**-16)
+            lr, lb = np.log(r), np.log(beta)[:, None]
+            k = _index(np.nan_to_num(sample).astype(np.float32), lr, lb, m,
+                       np.empty(sample.shape, np.float32))
+            rec = np.where(k > 0, np.exp(lr + (k - m) * lb), 0.0)
+            err = np.nansum((np.nan_to_num(sample) - rec) ** 2, axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, beta, best)
+        beta32 = best.astype(np.float32)
+        return {"beta": beta32.reshape(()) if axis is None else beta32}
+
+    def check(self, params: Params, bits: int, signed: bool) -> None:
+        super().check(params, bits, signed)
+        if np.any(params["beta"] <= 1.0):
+            raise ValueError("beta must be > 1")
+
+    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                 params: Params, restricted: bool = False) -> np.ndarray:
+        m = _magnitudes(bits, signed)
+        out = np.empty(x.shape, np.int8 if signed else np.uint8)
+        xf, of = x.reshape(-1), out.reshape(-1)
+        a_buf = np.empty(min(x.size, CHUNK), np.float32)
+        k_buf = np.empty_like(a_buf)
+        log_r = np.log(params["max_abs"].astype(np.float64))
+        log_b = np.log(params["beta"].astype(np.float64))
+        for start, stop, rows, cols, ch in iter_blocks(x.shape, axis if log_r.ndim else None):
+            xb = xf[start:stop].reshape(rows, cols)
+            a = a_buf[: stop - start].reshape(rows, cols)
+            np.abs(xb, out=a)
+            k = _index(a, pick(log_r, ch), pick(log_b, ch), m,
+                       k_buf[: stop - start].reshape(rows, cols))
+            np.copysign(k, xb, out=k)
+            if not signed:
+                np.maximum(k, 0, out=k)  # unsigned codes: x < 0 saturates to 0, not to |x|
+            of[start:stop].reshape(rows, cols)[...] = k
+        return out
+
+    def table(self, bits: int, signed: bool, params: Params) -> np.ndarray:
+        n = 1 << bits
+        m = _magnitudes(bits, signed)
+        r = params["max_abs"].astype(np.float64).reshape(-1, 1)
+        b = params["beta"].astype(np.float64).reshape(-1, 1)
+        # Table index = stored code; signed codes are centred on N/2.
+        k = np.arange(n) - (n // 2 if signed else 0)
+        mag = np.clip(np.abs(k), 0, m)
+        with np.errstate(over="ignore", under="ignore"):
+            vals = np.where(mag > 0, r * b ** (mag - m).astype(np.float64), 0.0)
+        vals = np.where(mag == m, r, vals)  # r exactly
+        return (np.sign(k) * vals).astype(np.float32)
+
+
+def _sample(x: np.ndarray, axis: int | None, c: int) -> np.ndarray:
+    """A deterministic strided sample of |x| per channel, (C, S), NaN for zeros."""
+    rows = x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(c, -1)
+    step = max(1, rows.shape[1] // _SAMPLE)
+    s = np.abs(rows[:, ::step]).astype(np.float64)
+    s[s == 0] = np.nan
+    return s

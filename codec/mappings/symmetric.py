@@ -1,0 +1,66 @@
+"""Symmetric quantization: zero point 0, x̂ = x_Q·Δ.
+
+Signed codes use [-N/2, N/2-1] (the seed's range) or, with ``restricted``,
+[-(N/2-1), N/2-1] as TFLite weights do; non-negative data gets unsigned
+codes [0, N-1] so no level is wasted on a sign.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import uniform
+from .base import (Mapping, Param, Params, as_param, below_overflow, channels, code_range,
+                   has_negative, min_max, positive_scale)
+
+
+class Symmetric(Mapping):
+    name = "symmetric"
+    id = 2
+    linear = True
+    summary = "uniform quantizer centred on 0 (zero point 0); codes can be computed on"
+    params = (Param("scale", "<f4", True, "step Δ"),)
+    options = {
+        "scale": "step Δ (scalar or one per channel); given means no calibration",
+        "signed": "signed codes; default: unsigned when the data is non-negative",
+        "restricted": "signed range [-(N/2-1), N/2-1] (TFLite weights)",
+    }
+
+    def fit(self, x: np.ndarray, bits: int, axis: int | None, signed: bool | None,
+            opts: dict[str, Any]) -> tuple[bool, Params]:
+        if opts.get("scale") is not None:
+            # Nothing to fit but the sign, which ±inf (saturated later) does not hide.
+            signed = has_negative(x) if signed is None else signed
+            return signed, {"scale": as_param(opts["scale"], "scale", np.float32, axis,
+                                              channels(x, axis))}
+        dmin, dmax = min_max(x, axis)
+        if signed is None:
+            signed = bool(np.any(dmin < 0))
+        lo, hi = code_range(bits, signed)
+        amax = np.maximum(np.abs(dmin), np.abs(dmax)) if signed else np.maximum(dmax, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # hi = 0: 1-bit signed, refused later
+            step = amax / hi  # hi is N/2-1 signed (restricted or not), N-1 unsigned
+        # A constant channel c: Δ = |c| makes c a level exactly (code ±1).
+        const = (dmin == dmax) & (dmin != 0)
+        step = np.where(const, np.abs(dmin), step)
+        return signed, {"scale": below_overflow(positive_scale(step), amax)}
+
+    def check(self, params: Params, bits: int, signed: bool) -> None:
+        if not np.all(np.isfinite(params["scale"]) & (params["scale"] > 0)):
+            raise ValueError("scale must be finite and > 0")
+
+    def _range(self, bits: int, signed: bool, restricted: bool) -> tuple[int, int]:
+        lo, hi = code_range(bits, signed)
+        return (lo + 1 if signed and restricted else lo), hi
+
+    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                 params: Params, restricted: bool = False) -> np.ndarray:
+        lo, hi = self._range(bits, signed, restricted)
+        return uniform.quantize(x, params["scale"], np.zeros((), np.int16), lo, hi, axis,
+                                np.dtype(np.int8 if signed else np.uint8))
+
+    def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
+                   params: Params) -> np.ndarray:
+        return uniform.dequantize(codes, params["scale"], np.zeros((), np.int16), axis)
