@@ -1,0 +1,1 @@
+"""featcodec HTTP service: a thin FastAPI layer over the ``codec`` library."""

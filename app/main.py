@@ -1,0 +1,69 @@
+"""The application factory (``uvicorn app.main:create_app --factory``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+
+import codec
+
+from . import metrics, problems
+from .routers import codec as codec_routes
+from .routers import health
+from .settings import Settings
+
+log = logging.getLogger("featcodec.service")
+
+DESCRIPTION = """Quantize neural-network feature maps into checksummed featcodec bitstreams.
+
+Errors are RFC 9457 problem documents (`application/problem+json`).
+"""
+
+
+def _self_test() -> None:
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    if codec.decode(codec.encode(x)).shape != x.shape:
+        raise RuntimeError("codec self-test: round trip changed the shape")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        await run_in_threadpool(_self_test)
+        app.state.ready = True
+    except Exception:  # stay alive but unready: /readyz tells the orchestrator
+        log.exception("codec self-test failed; /readyz will answer 503")
+    yield
+    app.state.ready = False
+    metrics.process_exit()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(title="featcodec", version=codec.__version__, description=DESCRIPTION,
+                  lifespan=_lifespan)
+    app.state.settings = settings or Settings()
+    app.state.ready = False
+    problems.install(app)
+    app.add_middleware(metrics.MetricsMiddleware)
+    app.include_router(codec_routes.router)
+    app.include_router(health.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            # Problem is referenced from hand-written responses, so FastAPI does not emit it.
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = \
+                problems.Problem.model_json_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,1 @@
+"""HTTP routes: the codec endpoints under /v1 and the operational ones."""

@@ -1,0 +1,240 @@
+"""The codec endpoints: compress, decompress, inspect, codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+import codec
+
+from .. import bodies, options
+from ..metrics import JOBS, STATE_KEY
+from ..problems import (InvalidParameters, MalformedBitstream, ServiceUnavailable,
+                        UnsupportedMediaType, responses)
+from ..settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["codec"])
+T = TypeVar("T")
+
+_BINARY = {"type": "string", "format": "binary"}
+_MSGPACK_SCHEMA = {
+    "type": "object",
+    "description": "MessagePack map; data is the raw C-order element bytes",
+    "required": ["dtype", "shape", "data"],
+    "properties": {
+        "dtype": {"type": "string", "enum": ["float16", "float32", "float64",
+                                             "<f2", "<f4", "<f8", ">f2", ">f4", ">f8"],
+                  "description": "no prefix means little-endian"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "string", "format": "binary"},
+    },
+}
+_SIZE_HEADERS = {
+    "X-Original-Bytes": {"description": "size of the tensor's raw elements",
+                         "schema": {"type": "integer"}},
+    "X-Compressed-Bytes": {"description": "size of the bitstream",
+                           "schema": {"type": "integer"}},
+}
+_BITSTREAM_BODY = {"requestBody": {"required": True, "description": "a featcodec bitstream",
+                                   "content": {bodies.OCTET_STREAM: {"schema": _BINARY}}}}
+_DECODED_TYPES = (bodies.NPY, bodies.MSGPACK, "application/x-msgpack")
+_FIXED_QUERY = frozenset({"method", "bits", "axis"})
+
+
+async def _offload(func: Callable[..., T], *args: Any) -> T:
+    """Run CPU-bound work in the thread pool so the event loop keeps answering."""
+    with JOBS.track_inprogress():
+        return await run_in_threadpool(func, *args)
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _set_method_label(request: Request, method: str) -> None:
+    if method in {m["name"] for m in codec.methods()}:  # bounded label values only
+        setattr(request.state, STATE_KEY, method)
+
+
+def _encode(arr: np.ndarray, method: str, bits: int, axis: int | None,
+            params: dict[str, Any]) -> bytes:
+    try:
+        return codec.encode(arr, method=method, bits=bits, axis=axis, **params)
+    except MemoryError:
+        raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
+    except (TypeError, ValueError) as exc:  # the library's argument and data errors
+        raise InvalidParameters(str(exc)) from None
+
+
+def _decode(blob: bytes, max_elements: int) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        info = codec.inspect(blob, max_elements=max_elements)
+        return codec.decode(blob, max_elements=max_elements), info
+    except MemoryError:
+        raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
+    except (TypeError, ValueError) as exc:  # FormatError, and anything else the stream causes
+        raise MalformedBitstream(str(exc)) from None
+
+
+def _inspect(blob: bytes, max_elements: int) -> dict[str, Any]:
+    try:
+        return codec.inspect(blob, max_elements=max_elements)
+    except (TypeError, ValueError) as exc:
+        raise MalformedBitstream(str(exc)) from None
+
+
+async def _read_bitstream(request: Request) -> bytes:
+    kind = bodies.media_type(request.headers.get("content-type"))
+    if kind not in ("", bodies.OCTET_STREAM):
+        raise UnsupportedMediaType(f"send the bitstream as {bodies.OCTET_STREAM}, not {kind}")
+    return await bodies.read_body(request, _settings(request).max_body_bytes)
+
+
+@router.post(
+    "/compress", response_class=Response, summary="Compress a tensor to a bitstream",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        bodies.NPY: {"schema": _BINARY},
+        bodies.MSGPACK: {"schema": _MSGPACK_SCHEMA},
+    }}, "parameters": options.openapi_parameters()},
+    responses={200: {"description": "the bitstream, byte for byte what codec.encode returns",
+                     "headers": _SIZE_HEADERS,
+                     "content": {bodies.OCTET_STREAM: {"schema": _BINARY}}},
+               **responses(400, 413, 415, 422, 503)},
+)
+async def compress(
+    request: Request,
+    method: Annotated[str, Query(description="codec method (see GET /v1/codecs)",
+                                 examples=["linear", "mulaw"])] = "linear",
+    bits: Annotated[int, Query(description="bits per element; the range depends on the method",
+                               examples=[8, 4])] = 8,
+    axis: Annotated[int | None, Query(description="channel axis for per-channel parameters; "
+                                                  "omit for per-tensor", examples=[1])] = None,
+) -> Response:
+    """Quantize a tensor sent as `.npy` or MessagePack and return its bitstream.
+
+    The method's options (listed by GET /v1/codecs) are further query parameters;
+    given parameters skip calibration, exactly as in `codec.encode`.
+    """
+    kind = bodies.media_type(request.headers.get("content-type"))
+    kind = bodies.MSGPACK if kind in bodies.MSGPACK_ALIASES else kind
+    if kind not in bodies.TENSOR_TYPES:
+        raise UnsupportedMediaType(f"send the tensor as {bodies.NPY} or {bodies.MSGPACK}, "
+                                   f"not {kind or 'no Content-Type'}")
+    params = options.from_query(request.query_params, _FIXED_QUERY)
+    _set_method_label(request, method)
+    settings = _settings(request)
+    body = await bodies.read_body(request, settings.max_body_bytes)
+    arr = await _offload(bodies.decode_tensor, kind, body, settings.max_elements)
+    del body  # the array may be a view of it; drop our own reference early either way
+    blob = await _offload(_encode, arr, method, bits, axis, params)
+    return Response(blob, media_type=bodies.OCTET_STREAM,
+                    headers={"X-Original-Bytes": str(arr.nbytes),
+                             "X-Compressed-Bytes": str(len(blob))})
+
+
+@router.post(
+    "/decompress", response_class=Response, summary="Decompress a bitstream to a tensor",
+    openapi_extra=_BITSTREAM_BODY,
+    responses={200: {"description": "the decoded tensor: .npy by default, MessagePack when "
+                                    "Accept asks for it",
+                     "headers": _SIZE_HEADERS,
+                     "content": {bodies.NPY: {"schema": _BINARY},
+                                 bodies.MSGPACK: {"schema": _MSGPACK_SCHEMA}}},
+               **responses(400, 406, 413, 415, 503)},
+)
+async def decompress(request: Request) -> Response:
+    """Verify and decode a bitstream (original shape and dtype)."""
+    out_type = bodies.negotiate(request.headers.get("accept"), _DECODED_TYPES)
+    blob = await _read_bitstream(request)
+    arr, info = await _offload(_decode, blob, _settings(request).max_elements)
+    _set_method_label(request, info["method"])
+    kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
+    payload = await _offload(bodies.encode_tensor, kind, arr)
+    return Response(payload, media_type=out_type,
+                    headers={"X-Original-Bytes": str(info["original_bytes"]),
+                             "X-Compressed-Bytes": str(len(blob)), "Vary": "Accept"})
+
+
+class InspectResult(BaseModel):
+    """A bitstream's header, as returned by `codec.inspect`."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "format_version": 1, "method": "linear", "bits": 8, "signed": False,
+        "restricted": False, "shape": [2, 3], "dtype": "float32", "axis": None,
+        "params": {"scale": 0.0235, "zero_point": 0}, "elements": 6, "header_bytes": 20,
+        "payload_bytes": 6, "total_bytes": 30, "original_bytes": 24, "ratio": 0.8,
+        "bits_per_element": 40.0}]})
+
+    format_version: int
+    method: str
+    bits: int
+    signed: bool
+    restricted: bool
+    shape: list[int]
+    dtype: str
+    axis: int | None
+    params: dict[str, int | float | list[int | float]]
+    elements: int
+    header_bytes: int
+    payload_bytes: int
+    total_bytes: int
+    original_bytes: int
+    ratio: float
+    bits_per_element: float | None
+
+
+@router.post("/inspect", response_model=InspectResult, summary="Describe a bitstream",
+             openapi_extra=_BITSTREAM_BODY, responses=responses(400, 413, 415))
+async def inspect(request: Request) -> dict[str, Any]:
+    """Parse and verify a bitstream's header and checksum without decoding it."""
+    blob = await _read_bitstream(request)
+    info = await _offload(_inspect, blob, _settings(request).max_elements)
+    _set_method_label(request, info["method"])
+    return info
+
+
+class StreamParam(BaseModel):
+    name: str
+    dtype: str
+    per_channel: bool
+    doc: str
+
+
+class BitRanges(BaseModel):
+    unsigned: tuple[int, int]
+    signed: tuple[int, int]
+
+
+class CodecInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    id: int
+    linear: bool
+    summary: str
+    bits: BitRanges
+    options: dict[str, str] = Field(description="query parameters accepted by /v1/compress")
+    stream_params: list[StreamParam]
+
+
+class CodecList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"methods": [{
+        "name": "linear", "id": 1, "linear": True, "summary": "uniform affine quantizer",
+        "bits": {"unsigned": [1, 8], "signed": [1, 8]},
+        "options": {"scale": "step", "zero_point": "code of real 0", "signed": "signed codes"},
+        "stream_params": [{"name": "scale", "dtype": "<f4", "per_channel": True,
+                           "doc": "step"}]}]}]})
+
+    methods: list[CodecInfo]
+
+
+@router.get("/codecs", response_model=CodecList, summary="List the registered methods")
+async def codecs() -> dict[str, Any]:
+    """Every method registered in the library, with bit ranges and parameters."""
+    return {"methods": codec.methods()}

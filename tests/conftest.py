@@ -1,0 +1,103 @@
+"""Service test helpers: a real `featcodec serve` subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A `featcodec serve` process; its stderr goes to a file we can show on failure."""
+
+    def __init__(self, workers: int = 1, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="featcodec-serve-", suffix=".log",
+                                                delete=False)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("FEATCODEC_")}
+        environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        environ.update(env)
+        cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", str(workers), "--log-level", "info"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def stderr(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not answer /healthz in {timeout}s:\n{self.stderr()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        os.unlink(self._log.name)
+
+
+def _serve(workers: int = 1, **env: str) -> Iterator[Server]:
+    server = Server(workers, **env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    yield from _serve()
+
+
+@pytest.fixture(scope="session")
+def small_server() -> Iterator[Server]:
+    """Tight limits, to provoke 413 without large bodies."""
+    yield from _serve(FEATCODEC_MAX_BODY_BYTES="4096", FEATCODEC_MAX_ELEMENTS="1000")
+
+
+@pytest.fixture(scope="session")
+def multi_server() -> Iterator[Server]:
+    yield from _serve(workers=2)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:  # show the server's own log next to the failing test
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Server):
+                report.sections.append((f"featcodec serve :{value.port} log",
+                                        value.stderr()[-20000:]))

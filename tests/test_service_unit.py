@@ -1,0 +1,187 @@
+"""In-process tests of the HTTP layer (FastAPI TestClient), next to the real-server ones."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+from collections.abc import Iterator
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import codec
+from app import bodies, options
+from app.cli import main
+from app.main import create_app
+from app.problems import InvalidParameters, NotAcceptable
+from app.settings import Settings
+
+with warnings.catch_warnings():  # Starlette's notice about its future test client
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+NPY = {"Content-Type": "application/x-npy"}
+MSGPACK = {"Content-Type": "application/msgpack"}
+CLIENT_ERRORS = {400, 406, 413, 415, 422}
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # the shared client is stateless
+
+
+def npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(max_body_bytes=1 << 16, max_elements=4096))) as c:
+        yield c
+
+
+def test_round_trip_in_process(client: TestClient) -> None:
+    x = np.linspace(-2, 2, 60, dtype=np.float32).reshape(3, 4, 5)
+    r = client.post("/v1/compress?method=symmetric&bits=5&axis=0", content=npy(x), headers=NPY)
+    assert r.status_code == 200
+    assert r.content == codec.encode(x, method="symmetric", bits=5, axis=0)
+    d = client.post("/v1/decompress", content=r.content,
+                    headers={"Accept": "application/msgpack"})
+    doc = msgpack.unpackb(d.content)
+    assert doc["shape"] == [3, 4, 5] and doc["dtype"] == "float32"
+
+
+def test_readyz_is_503_until_startup_ran() -> None:
+    app = create_app(Settings())
+    r = TestClient(app).get("/readyz")  # no context manager: the lifespan never starts
+    assert r.status_code == 503
+    assert r.headers["content-type"] == "application/problem+json"
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+
+
+def test_catch_all_hides_details() -> None:
+    app = create_app(Settings())
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == 500
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEATCODEC_MAX_BODY_BYTES", "123")
+    monkeypatch.setenv("FEATCODEC_PORT", "9001")
+    s = Settings()
+    assert (s.max_body_bytes, s.port, s.host, s.workers) == (123, 9001, "127.0.0.1", 1)
+    assert Settings.model_fields["max_body_bytes"].default == 256 * 2**20
+
+
+@pytest.mark.parametrize("accept,expected", [
+    (None, "a/x"), ("", "a/x"), ("*/*", "a/x"), ("a/y", "a/y"), ("a/*;q=0.5, a/y", "a/y"),
+    ("a/x;q=0.2, a/y;q=0.3", "a/y"), ("a/*, a/x;q=0", "a/y"), ("*/*;q=nan, a/y", "a/y"),
+])
+def test_negotiate(accept: str | None, expected: str) -> None:
+    assert bodies.negotiate(accept, ["a/x", "a/y"]) == expected
+
+
+@pytest.mark.parametrize("accept", ["b/x", "a/x;q=0, a/y;q=0", "*/*;q=0", "a/x;q=oops"])
+def test_negotiate_refuses(accept: str) -> None:
+    with pytest.raises(NotAcceptable):
+        bodies.negotiate(accept, ["a/x", "a/y"])
+
+
+@pytest.mark.parametrize("name,text,value", [
+    ("signed", "True", True), ("restricted", "0", False), ("scale", "0.5", 0.5),
+    ("zero_point", "3", 3), ("max_abs", "1, 2.5,3", [1, 2.5, 3]), ("lam_fit", "mse", "mse"),
+    ("future_option", "7", 7),
+])
+def test_option_values(name: str, text: str, value: object) -> None:
+    assert options.parse(name, text) == value
+    assert type(options.parse(name, text)) is type(value)
+
+
+@pytest.mark.parametrize("name,text", [("signed", "maybe"), ("scale", "abc"),
+                                       ("max_abs", "1,,2"), ("mu", "")])
+def test_option_values_refused(name: str, text: str) -> None:
+    with pytest.raises(InvalidParameters):
+        options.parse(name, text)
+
+
+def test_msgpack_encoding_round_trips() -> None:
+    x = np.arange(12, dtype=">f8").reshape(3, 4)
+    y = bodies.decode_msgpack(bodies.encode_msgpack(x), 100, 1 << 20)
+    np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(body=st.one_of(st.binary(max_size=300),
+                      st.binary(max_size=200).map(lambda b: b"\x93NUMPY" + b),
+                      st.binary(max_size=200).map(lambda b: b"FCQT\x01" + b)),
+       endpoint=st.sampled_from(["/v1/compress", "/v1/decompress", "/v1/inspect"]),
+       content_type=st.sampled_from(["application/x-npy", "application/msgpack",
+                                     "application/octet-stream", "text/plain"]))
+def test_arbitrary_bytes_never_cause_500(client: TestClient, body: bytes, endpoint: str,
+                                         content_type: str) -> None:
+    r = client.post(endpoint, content=body, headers={"Content-Type": content_type})
+    assert r.status_code in CLIENT_ERRORS | {200}, r.text
+    if r.status_code != 200:
+        assert r.headers["content-type"] == "application/problem+json"
+
+
+_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+            | st.text(max_size=8) | st.binary(max_size=16))
+_values = st.recursive(_scalars,
+                       lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(doc=st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["float32", ">f2", "<f8", "int8", "f4,f4", "O"]) | _values,
+    "shape": st.lists(st.integers(-2, 5), max_size=4) | _values,
+    "data": st.binary(max_size=64) | _values,
+}) | _values)
+def test_arbitrary_msgpack_documents_never_cause_500(client: TestClient, doc: object) -> None:
+    r = client.post("/v1/compress", content=msgpack.packb(doc, use_bin_type=True),
+                    headers=MSGPACK)
+    assert r.status_code in CLIENT_ERRORS | {200}, r.text
+
+
+_SEEDS = [codec.encode(np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4), m["name"],
+                       bits=b, axis=a)
+          for m in codec.methods() for b in (2, 5, 8) for a in (None, 1)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(seed=st.sampled_from(_SEEDS), data=st.data())
+def test_mutated_streams_with_valid_crc_never_cause_500(client: TestClient, seed: bytes,
+                                                        data: st.DataObject) -> None:
+    """Past the CRC check: the header's fields themselves are hostile."""
+    s = bytearray(seed)
+    for pos, value in data.draw(st.lists(st.tuples(st.integers(4, len(s) - 5),
+                                                   st.integers(0, 255)), min_size=1, max_size=3)):
+        s[pos] = value
+    s[-4:] = zlib.crc32(s[:-4]).to_bytes(4, "little")
+    for endpoint in ("/v1/inspect", "/v1/decompress"):
+        r = client.post(endpoint, content=bytes(s))
+        assert r.status_code in (200, 400), r.text
+
+
+def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_settings_before_starting(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FEATCODEC_WORKERS", "0")
+    assert main(["serve"]) == 2
+    assert "workers" in capsys.readouterr().err
