@@ -49,3 +49,12 @@ def test_golden_stream_decodes_close_to_its_input(case: tuple[Path, dict]) -> No
     assert info["axis"] == c["axis"]
     # Loose sanity bound: the pinned bytes above are the strict check.
     assert np.max(np.abs(y - x)) <= np.max(np.abs(x)) + 1e-6
+
+
+def test_format_doc_worked_example_is_what_encode_writes() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "FORMAT.md").read_text()
+    block = doc.split("## Worked example", 1)[1].split("```")[1]
+    expected = bytes.fromhex(block.strip())
+    x = np.array([[-1, 0, 0.5, 1, 2], [0.25, -0.5, 1.5, -0.75, 0.1]], np.float32)
+    assert codec.encode(x, "linear", bits=3) == expected
+    assert codec.decode(expected).tolist() == [[-1, 0, 0.5, 1, 2], [0, -0.5, 1.5, -1, 0]]
