@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
+    from .limits import HeaderTimeoutH11Protocol, exit_zero_on_sigterm
+
+    exit_zero_on_sigterm()  # uvicorn drains on SIGTERM, then re-raises it: exit 0, not 143
     # prometheus-client picks its multiprocess mode at import time, so the directory
     # must exist in the environment before any worker imports the app.
     own_dir = None
@@ -95,7 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run("app.main:create_app", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers,
-                    log_level=settings.log_level)
+                    log_level=settings.log_level, http=HeaderTimeoutH11Protocol,
+                    timeout_keep_alive=settings.keep_alive_s,
+                    timeout_graceful_shutdown=settings.graceful_timeout_s)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -205,7 +211,7 @@ def _load_npy(data: bytes, name: str) -> np.ndarray:
         raise ProcessingError(f"{name}: not a .npy file")
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises assorted types for damaged files
+    except Exception as exc:  # noqa: BLE001 - numpy raises assorted types for damaged files
         raise ProcessingError(f"{name}: unreadable .npy file: {exc}") from None
     if not isinstance(arr, np.ndarray):
         raise ProcessingError(f"{name}: not a single .npy array")
@@ -539,10 +545,10 @@ def _describe(name: str, info: dict[str, Any]) -> str:
         f"  method    {info['method']}, {info['bits']} bits, {sign}",
         f"  tensor    {info['dtype']} {shape} ({info['elements']:,} elements), {layout}",
         f"  params    {params}",
-        f"  size      header {info['header_bytes']:,} B + payload {info['payload_bytes']:,} B "
-        f"+ CRC = {info['total_bytes']:,} B; original {info['original_bytes']:,} B",
-        f"  ratio     {info['ratio']:.2f}x"
-        + (f" ({bpe:.2f} bits/element)" if bpe is not None else ""),
+        (f"  size      header {info['header_bytes']:,} B + payload {info['payload_bytes']:,} B "
+         f"+ CRC = {info['total_bytes']:,} B; original {info['original_bytes']:,} B"),
+        f"  ratio     {info['ratio']:.2f}x" + (f" ({bpe:.2f} bits/element)" if bpe is not None
+                                                else ""),
     ]
     return "\n".join(lines)
 
@@ -651,10 +657,11 @@ def _bench_rows(x: np.ndarray, methods: list[str], bits_list: list[int], axis: i
                 continue
             y = codec.decode(blob)
             err = float(np.mean(np.square(x - y, dtype=np.float64)))
+            encode = partial(codec.encode, x, method, bits, axis)
+            decode = partial(codec.decode, blob)
             row.update({
-                "encode_mb_s": mb / _best_time(lambda: codec.encode(x, method, bits, axis),
-                                               repeat),
-                "decode_mb_s": mb / _best_time(lambda: codec.decode(blob), repeat),
+                "encode_mb_s": mb / _best_time(encode, repeat),
+                "decode_mb_s": mb / _best_time(decode, repeat),
                 "ratio": x.nbytes / len(blob),
                 "snr_db": 10 * math.log10(power / err) if err > 0 else math.inf,
             })
@@ -680,9 +687,7 @@ def _bench(args: argparse.Namespace) -> int:
     x = rng.standard_normal(shape, dtype=np.float32)
     if args.data == "relu":
         x = np.maximum(x, 0)
-    rows = []
-    for row in _bench_rows(x, methods, bits_list, args.axis, args.repeat):
-        rows.append(row)
+    rows = list(_bench_rows(x, methods, bits_list, args.axis, args.repeat))
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -708,7 +713,7 @@ def _bench(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors raise instead of exiting (one exit path in ``main``)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise UsageError(message, self.prog)
 
 
@@ -754,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROCESSING
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, unless asked for the traceback
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
         _err(command, f"internal error: {type(exc).__name__}: {exc}")

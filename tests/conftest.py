@@ -101,3 +101,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             if isinstance(value, Server):
                 report.sections.append((f"featcodec serve :{value.port} log",
                                         value.stderr()[-20000:]))
+
+
+@pytest.fixture(scope="session")
+def api_key_server() -> Iterator[Server]:
+    """API keys configured: /v1 calls need 'Authorization: Bearer first-key' (or second-key)."""
+    yield from _serve(FEATCODEC_API_KEYS="first-key,second-key")
