@@ -22,6 +22,11 @@ every later step touches (b=3 continues as 6-bit pairs, b=2 as 4-bit pairs).
 Once a lane holds a whole number of bytes it is scattered to the stream as one
 record per lane. Unpacking runs the same steps backwards. Codes >= 2**bits
 are not masked: such input yields an unspecified stream.
+
+Signed codes (``signed=True``) are int8 in [-2**(b-1), 2**(b-1)) and stored
+offset by 2**(b-1); the offset (and the mask it needs) is applied block by
+block while the block is in cache, as is its inverse when unpacking, so the
+codec never makes a full-size offset copy of the codes.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import numpy as np
 
 __all__ = ["packed_size", "pack", "unpack"]
 
-# Codes per chunk; scratch is 2.5 bytes per code of chunk. Each chunk costs
-# ~25 numpy calls (~1 us each), which is still noticeable at 2**18 codes.
+# Codes per chunk; scratch is 3.5 bytes per code of chunk. Each chunk costs
+# ~25 numpy calls (~1 us each): at 2**18 codes, which would keep the scratch
+# in a 1 MiB L2, that overhead costs more than the L3 traffic of 2**20 saves.
 _CHUNK = 1 << 20
 # Every chunk except the tail holds a multiple of this many codes, so every
 # merge level works on whole lanes (8 codes of 5 or 7 bits fill a uint64).
@@ -49,6 +55,7 @@ class _Scratch:
     s: np.ndarray  # n bytes: the lanes being merged/split
     t: np.ndarray  # n bytes: temporaries of the same lane type
     p: np.ndarray  # n/2 bytes: pair bytes for b <= 4
+    c: np.ndarray  # n bytes: offset (stored) codes of a signed block
 
 
 def _scratch(n: int) -> _Scratch:
@@ -56,7 +63,7 @@ def _scratch(n: int) -> _Scratch:
     def buf(nbytes: int) -> np.ndarray:
         return np.empty((nbytes + 7) // 8, np.uint64).view(np.uint8)[:nbytes]
 
-    return _Scratch(buf(n), buf(n), buf(n // 2))
+    return _Scratch(buf(n), buf(n), buf(n // 2), buf(n))
 
 
 def _check_bits(bits: int) -> int:
@@ -91,6 +98,11 @@ def _merge(x: np.ndarray, t: np.ndarray, w: int, out: np.ndarray) -> None:
     half = x.dtype.itemsize * 4
     lane = x.dtype.type
     np.right_shift(x, lane(half), out=t)
+    if lane is np.uint64:  # no 64-bit vector multiply before AVX-512: shift instead
+        np.left_shift(t, lane(w), out=t)
+        np.bitwise_and(x, lane((1 << half) - 1), out=out)
+        np.bitwise_or(out, t, out=out)
+        return
     np.multiply(t, lane((1 << half) - (1 << w)), out=t)
     np.subtract(x, t, out=out)
 
@@ -182,23 +194,46 @@ def _unpack_block(src: np.ndarray, bits: int, dst: np.ndarray, ws: _Scratch) -> 
         _split(s.view(np.uint16), t.view(np.uint16), bits, dst.view(np.uint16))
 
 
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+def _codes_u8(codes: object, signed: bool) -> np.ndarray:
+    ok = (np.uint8, np.int8) if signed else (np.uint8,)
+    if not isinstance(codes, np.ndarray) or codes.dtype.type not in ok:
+        dtype = getattr(codes, "dtype", type(codes).__name__)
+        want = "an int8 or uint8" if signed else "a uint8"
+        raise TypeError(f"codes must be {want} numpy array, got {dtype}")
+    return codes.view(np.uint8) if codes.ndim else codes.reshape(1).view(np.uint8)
+
+
+def _stored(src: np.ndarray, bits: int, out: np.ndarray) -> np.ndarray:
+    """Signed codes (two's complement bytes) offset by 2**(bits-1) into [0, 2**bits)."""
+    np.add(src, np.uint8(1 << (bits - 1)), out=out)
+    if bits < 8:
+        np.bitwise_and(out, np.uint8((1 << bits) - 1), out=out)
+    return out
+
+
+def pack(codes: np.ndarray, bits: int, *, signed: bool = False, copy: bool = True
+         ) -> np.ndarray:
     """Pack uint8 ``codes`` (any shape, flattened in C order) into a new 1-D
     uint8 stream of ``packed_size(codes.size, bits)`` bytes.
 
-    Every code must be ``< 2**bits``; larger values are not masked.
+    Every code must be ``< 2**bits``; larger values are not masked. With
+    ``signed``, ``codes`` are int8 (or their uint8 bytes) in
+    ``[-2**(bits-1), 2**(bits-1))`` and the stream stores ``code + 2**(bits-1)``,
+    computed block by block. ``copy=False`` lets 8-bit unsigned packing, which
+    is the identity, return a (possibly read-only) view of ``codes``.
     """
     bits = _check_bits(bits)
-    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
-        dtype = getattr(codes, "dtype", type(codes).__name__)
-        raise TypeError(f"codes must be a uint8 numpy array, got {dtype}")
+    u = _codes_u8(codes, signed)
     if bits == 8:
-        return np.array(codes, order="C").reshape(-1)
+        if signed:
+            return np.bitwise_xor(u, np.uint8(0x80)).reshape(-1)  # + 128 modulo 256
+        return np.array(u, order="C").reshape(-1) if copy else np.ascontiguousarray(u).reshape(-1)
     # A view for C-contiguous input; other layouts pay one full copy.
-    flat = np.ascontiguousarray(codes).reshape(-1)
+    flat = np.ascontiguousarray(u).reshape(-1)
     n = flat.size
     if bits == 1:
-        return np.packbits(flat, bitorder="little")
+        return np.packbits(_stored(flat, 1, np.empty_like(flat)) if signed else flat,
+                           bitorder="little")
     out = np.empty(packed_size(n, bits), np.uint8)
     ws = _scratch(max(_QUANTUM, min(n, _CHUNK)))
     main = n - n % _QUANTUM
@@ -206,14 +241,18 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     for i in range(0, main, _CHUNK):
         m = min(_CHUNK, main - i)
         src = flat[i : i + m]
-        if not aligned:  # unaligned uint16 views would take numpy's slow path
-            src = ws.s[:m]
+        if signed:  # offset while the block is in cache
+            src = _stored(src, bits, ws.c[:m])
+        elif not aligned:  # unaligned uint16 views would take numpy's slow path
+            src = ws.c[:m]
             np.copyto(src, flat[i : i + m])
         _pack_block(src, bits, out[i * bits // 8 : (i + m) * bits // 8], ws)
     if main < n:
         # Tail: zero-pad to one quantum; zero codes make the padding bits zero.
         pad = np.zeros(_QUANTUM, np.uint8)
         pad[: n - main] = flat[main:]
+        if signed:
+            _stored(pad[: n - main], bits, pad[: n - main])
         block = np.empty(_QUANTUM * bits // 8, np.uint8)
         _pack_block(pad, bits, block, ws)
         out[main * bits // 8 :] = block[: out.size - main * bits // 8]
@@ -235,13 +274,16 @@ def unpack(
     bits: int,
     n: int,
     out: np.ndarray | None = None,
+    *,
+    signed: bool = False,
 ) -> np.ndarray:
     """Decode ``n`` codes of ``bits`` bits from ``buf`` (bytes-like or a 1-D
     uint8 array), which must be exactly ``packed_size(n, bits)`` bytes long.
 
     Returns a new 1-D uint8 array, or ``out`` (a writeable uint8 array of size
     ``n``, any shape) filled in C order. Padding bits in the last byte are
-    ignored.
+    ignored. With ``signed`` the stored values ``s`` become the int8 codes
+    ``s - 2**(bits-1)`` (block by block), and ``out``, if given, is int8.
     """
     size = packed_size(n, bits)
     bits, n = int(bits), int(n)
@@ -250,42 +292,59 @@ def unpack(
         raise ValueError(
             f"buffer holds {data.size} bytes; {n} codes of {bits} bits need exactly {size}"
         )
+    want = np.int8 if signed else np.uint8
     if out is not None:
-        if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
-            raise TypeError("out must be a uint8 numpy array")
+        if not isinstance(out, np.ndarray) or out.dtype != want:
+            raise TypeError(f"out must be a {np.dtype(want).name} numpy array")
         if out.size != n:
             raise ValueError(f"out has {out.size} elements, expected {n}")
         # Decode straight into out unless that needs a staging copy.
         if out.flags.c_contiguous and not np.may_share_memory(out, data):
-            _unpack_into(data, bits, out.reshape(-1))
+            _unpack_into(data, bits, out.reshape(-1).view(np.uint8), signed)
         else:
-            np.copyto(out, _unpack_new(data, bits, n).reshape(out.shape))
+            np.copyto(out, _unpack_new(data, bits, n, signed).view(want).reshape(out.shape))
         return out
-    return _unpack_new(data, bits, n)
+    res = _unpack_new(data, bits, n, signed)
+    return res.view(np.int8) if signed else res
 
 
-def _unpack_new(data: np.ndarray, bits: int, n: int) -> np.ndarray:
-    if bits == 1:
+def _unpack_new(data: np.ndarray, bits: int, n: int, signed: bool) -> np.ndarray:
+    if bits == 1 and not signed:
         return np.unpackbits(data, count=n, bitorder="little")
     res = np.empty(n, np.uint8)
-    _unpack_into(data, bits, res)
+    _unpack_into(data, bits, res, signed)
     return res
 
 
-def _unpack_into(data: np.ndarray, bits: int, dst: np.ndarray) -> None:
+def _unpack_into(data: np.ndarray, bits: int, dst: np.ndarray, signed: bool) -> None:
+    """Codes into the contiguous uint8 ``dst``; signed: minus 2**(bits-1), wrapping."""
     n = dst.size
+    half = np.uint8(1 << (bits - 1))
     if bits == 8:
-        np.copyto(dst, data)
+        if signed:
+            np.bitwise_xor(data, half, out=dst)  # - 128 modulo 256
+        else:
+            np.copyto(dst, data)
+        return
+    if bits == 1:
+        dst[...] = np.unpackbits(data, count=n, bitorder="little")
+        if signed:
+            np.subtract(dst, half, out=dst)
         return
     ws = _scratch(max(_QUANTUM, min(n, _CHUNK)))
     main = n - n % _QUANTUM
     for i in range(0, main, _CHUNK):
         m = min(_CHUNK, main - i)
-        _unpack_block(data[i * bits // 8 : (i + m) * bits // 8], bits, dst[i : i + m], ws)
+        block = dst[i : i + m]
+        _unpack_block(data[i * bits // 8 : (i + m) * bits // 8], bits, block, ws)
+        if signed:  # while the block is in cache
+            np.subtract(block, half, out=block)
     if main < n:
         block = np.zeros(_QUANTUM * bits // 8, np.uint8)
         rest = data[main * bits // 8 :]
         block[: rest.size] = rest
         codes = np.empty(_QUANTUM, np.uint8)
         _unpack_block(block, bits, codes, ws)
+        if signed:
+            np.subtract(codes, half, out=codes)
         dst[main:] = codes[: n - main]

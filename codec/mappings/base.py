@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import blocks
+
 Params = dict[str, np.ndarray]
 
 
@@ -93,9 +95,7 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     if x.size == 0:
         z = np.zeros(() if axis is None else (x.shape[axis],))
         return z, z.copy()
-    red = other_axes(x.ndim, axis)
-    mn = np.asarray(np.min(x, axis=red), np.float64)
-    mx = np.asarray(np.max(x, axis=red), np.float64)
+    mn, mx = blocks.min_max(x, axis)  # one fused pass (np.min then np.max is two)
     if not (np.all(np.isfinite(mn)) and np.all(np.isfinite(mx))):
         raise ValueError("input contains NaN or Inf; parameters cannot be fitted")
     return mn, mx
@@ -103,7 +103,7 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 def has_negative(x: np.ndarray) -> bool:
     """Whether any element is < 0; unlike ``min_max`` this accepts ±inf (given parameters)."""
-    return bool(x.size) and bool(np.min(x) < 0)
+    return bool(x.size) and bool(blocks.tensor_min(x) < 0)
 
 
 def to_f32_at_least(v: np.ndarray) -> np.ndarray:

@@ -10,12 +10,20 @@ than evaluating the inverse curve per element.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 
 from .base import Mapping, Params, as_param, channels, has_negative, min_max
-from .blocks import CHUNK, iter_blocks, pick
+from .blocks import CHUNK, LUT_MIN_SIZE, CodeTable, iter_blocks, pick
+
+
+# Recently built code tables (~320 KiB each), keyed by method, bits, sign and parameters.
+_TABLES: dict[tuple[Any, ...], CodeTable | None] = {}
+_TABLES_MAX = 8
+_TABLES_LOCK = threading.Lock()
+_SMALL_TABLE = 4096  # entries: a table this small is always cheaper than direct decoding
 
 
 class Compander(Mapping):
@@ -60,6 +68,43 @@ class Compander(Mapping):
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
                  params: Params, restricted: bool = False) -> np.ndarray:
+        """Codes of C-contiguous float32 ``x``.
+
+        Per-tensor parameters make the codes one monotone step function of the
+        input, so a large tensor goes through a :class:`~.blocks.CodeTable` built
+        from :meth:`_quantize_direct` itself (identical codes, no transcendental
+        function per element); otherwise :meth:`_quantize_direct` runs block by block.
+        """
+        out_dtype = np.dtype(np.int8 if signed else np.uint8)
+        per_channel = axis is not None and any(np.ndim(v) for v in params.values())
+        if not per_channel and x.size >= LUT_MIN_SIZE and x.dtype == np.float32:
+            table = self._table_for(bits, signed, params, out_dtype)
+            if table is not None:
+                return table.quantize(x, out_dtype)
+        return self._quantize_direct(x, bits, axis, signed, params)
+
+    def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype
+                   ) -> CodeTable | None:
+        """The code table of per-tensor ``params``, from a small cache (given parameters
+        repeat across calls) or built (a few ms)."""
+        flat = {k: np.asarray(v).reshape(()) for k, v in params.items()}
+        key = (self.name, bits, signed,
+               tuple((k, v.dtype.str, v.tobytes()) for k, v in sorted(flat.items())))
+        with _TABLES_LOCK:
+            if key in _TABLES:
+                _TABLES[key] = table = _TABLES.pop(key)  # most recently used last
+                return table
+        table = CodeTable.build(
+            lambda v: self._quantize_direct(v, bits, None, signed, flat), out_dtype)
+        with _TABLES_LOCK:
+            _TABLES[key] = table
+            while len(_TABLES) > _TABLES_MAX:
+                _TABLES.pop(next(iter(_TABLES)))
+        return table
+
+    def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                         params: Params) -> np.ndarray:
+        """The codes computed element by element (block by block): the reference."""
         top = (1 << bits) - 1
         half = 1 << (bits - 1)
         out = np.empty(x.shape, np.int8 if signed else np.uint8)
@@ -87,36 +132,75 @@ class Compander(Mapping):
             of[start:stop].reshape(rows, cols)[...] = t
         return out
 
-    def table(self, bits: int, signed: bool, params: Params) -> np.ndarray:
-        """Decoded value of every code, shape (channels, N), float32."""
+    def levels(self, k: np.ndarray, bits: int, signed: bool,
+               cols: dict[str, np.ndarray]) -> np.ndarray:
+        """Decoded value (float32) of table indices ``k`` with parameters ``cols``
+        broadcast against them; the one formula behind tables and direct decoding."""
         top = (1 << bits) - 1
-        k = np.arange(top + 1, dtype=np.float64)
         chat = 2.0 * k / top - 1.0 if signed else k / top
-        cols = {n: np.asarray(v, np.float64).reshape(-1, 1) for n, v in params.items()}
         mag = np.abs(chat)
         with np.errstate(all="ignore"):
-            vals = self.expand(np.broadcast_to(mag, (max(v.size for v in params.values()),
-                                                     mag.size)), cols)
+            vals = self.expand(mag, cols)
         vals = np.where(mag >= 1.0, cols["max_abs"], vals)  # ±r exactly
         vals = np.where(mag == 0.0, 0.0, vals)
         return (np.sign(chat) * vals).astype(np.float32)
 
+    def table(self, bits: int, signed: bool, params: Params) -> np.ndarray:
+        """Decoded value of every code, shape (channels, N), float32."""
+        cols = {n: np.asarray(v, np.float64).reshape(-1, 1) for n, v in params.items()}
+        return self.levels(np.arange(1 << bits, dtype=np.float64)[None, :], bits, signed, cols)
+
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
                    params: Params) -> np.ndarray:
-        lut = self.table(bits, signed, params)
-        idx = codes.view(np.uint8)
-        if signed:  # centred codes back to table indices 0..N-1
-            idx = (idx + np.uint8(1 << (bits - 1))) if bits < 8 else idx ^ np.uint8(0x80)
-            idx &= np.uint8((1 << bits) - 1)
+        channels_ = max(np.size(v) for v in params.values())
+        # A table costs channels·N values (and ~40 bytes each while it is built): a
+        # stream with many channels and few elements each decodes element by element,
+        # so decoding never allocates much more than its own output.
+        if channels_ << bits <= max(codes.size // 8, _SMALL_TABLE):
+            return lookup(self.table(bits, signed, params), codes, bits, signed, axis)
+        return self._dequantize_direct(codes, bits, axis, signed, params)
+
+    def _dequantize_direct(self, codes: np.ndarray, bits: int, axis: int | None,
+                           signed: bool, params: Params) -> np.ndarray:
         out = np.empty(codes.shape, np.float32)
-        if lut.shape[0] == 1:
-            np.take(lut[0], idx, out=out)
-            return out
-        of, ix = out.reshape(-1), idx.reshape(-1)
-        flat = lut.reshape(-1)
-        n_levels = lut.shape[1]
+        u, of = codes.reshape(-1).view(np.uint8), out.reshape(-1)
+        half, mask = 1 << (bits - 1), (1 << bits) - 1
+        cols64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
         for start, stop, rows, cols, ch in iter_blocks(codes.shape, axis):
-            base = (ch * n_levels)[:, None] if ch is not None else 0
-            np.take(flat, ix[start:stop].reshape(rows, cols) + base,
-                    out=of[start:stop].reshape(rows, cols))
+            k = u[start:stop].reshape(rows, cols).astype(np.float64)
+            if signed:
+                k = (k + half) % (mask + 1)
+            of[start:stop].reshape(rows, cols)[...] = self.levels(
+                k, bits, signed, {n: pick(v, ch) for n, v in cols64.items()})
         return out
+
+
+def lookup(lut: np.ndarray, codes: np.ndarray, bits: int, signed: bool, axis: int | None
+           ) -> np.ndarray:
+    """``lut[channel, stored code]`` (float32) for every code, block by block.
+
+    ``np.take`` converts its indices to intp first; a whole-tensor take would
+    make an 8-bytes-per-code temporary, so the (stored) codes are widened to
+    intp one block at a time into scratch, and ``mode="clip"`` skips the bounds
+    check (every index is in range by construction).
+    """
+    out = np.empty(codes.shape, np.float32)
+    if codes.size == 0:
+        return out
+    u, of = codes.reshape(-1).view(np.uint8), out.reshape(-1)
+    n_levels = lut.shape[1]
+    flat = np.ascontiguousarray(lut, np.float32).reshape(-1)
+    half = np.intp(1 << (bits - 1))
+    mask = np.intp(n_levels - 1)
+    idx = np.empty(min(codes.size, CHUNK), np.intp)
+    per_channel = lut.shape[0] > 1 and axis is not None
+    for start, stop, rows, cols, ch in iter_blocks(codes.shape, axis if per_channel else None):
+        ix = idx[: stop - start].reshape(rows, cols)
+        np.copyto(ix, u[start:stop].reshape(rows, cols))
+        if signed:  # centred codes back to table indices 0..N-1
+            np.add(ix, half, out=ix)
+            np.bitwise_and(ix, mask, out=ix)
+        if ch is not None:
+            np.add(ix, (ch * n_levels)[:, None], out=ix)
+        np.take(flat, ix, out=of[start:stop].reshape(rows, cols), mode="clip")
+    return out

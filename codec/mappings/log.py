@@ -92,8 +92,10 @@ class Log(Compander):
         if np.any(params["beta"] <= 1.0):
             raise ValueError("beta must be > 1")
 
-    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False) -> np.ndarray:
+    def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                         params: Params) -> np.ndarray:
+        """Codes element by element (block by block): the reference; Compander.quantize
+        takes a table of it for large per-tensor inputs."""
         m = _magnitudes(bits, signed)
         out = np.empty(x.shape, np.int8 if signed else np.uint8)
         xf, of = x.reshape(-1), out.reshape(-1)
@@ -113,18 +115,18 @@ class Log(Compander):
             of[start:stop].reshape(rows, cols)[...] = k
         return out
 
-    def table(self, bits: int, signed: bool, params: Params) -> np.ndarray:
+    def levels(self, k: np.ndarray, bits: int, signed: bool,
+               cols: dict[str, np.ndarray]) -> np.ndarray:
+        """Decoded value (float32) of table indices ``k``; signed codes are centred on N/2."""
         n = 1 << bits
         m = _magnitudes(bits, signed)
-        r = params["max_abs"].astype(np.float64).reshape(-1, 1)
-        b = params["beta"].astype(np.float64).reshape(-1, 1)
-        # Table index = stored code; signed codes are centred on N/2.
-        k = np.arange(n) - (n // 2 if signed else 0)
-        mag = np.clip(np.abs(k), 0, m)
+        q = k - (n // 2 if signed else 0)
+        mag = np.clip(np.abs(q), 0, m)
+        r, b = cols["max_abs"], cols["beta"]
         with np.errstate(over="ignore", under="ignore"):
-            vals = np.where(mag > 0, r * b ** (mag - m).astype(np.float64), 0.0)
+            vals = np.where(mag > 0, r * b ** (mag - m), 0.0)
         vals = np.where(mag == m, r, vals)  # r exactly
-        return (np.sign(k) * vals).astype(np.float32)
+        return (np.sign(q) * vals).astype(np.float32)
 
 
 def _sample(x: np.ndarray, axis: int | None, c: int) -> np.ndarray:

@@ -4,6 +4,22 @@ Codes are ``saturate(rint(x / scale) + zero_point)``: divide in float32,
 round half to even, *then* add the zero point (onnxruntime and PyTorch do
 this; adding first changes the result on exact ties), then clamp in float so
 ±inf and huge values saturate instead of wrapping.
+
+Kernel (per cache-sized block, four numpy calls):
+
+1. ``t = x / scale`` (the only pass that reads memory);
+2. ``t = clip(t, lo - z, hi - z)``: the bounds are integers, so clamping
+   before rounding is the same as clamping after it, and |t| <= 2**8;
+3. ``t += M`` with ``M = 1.5 * 2**23 (+ z)``: in [2**23, 2**24) a float32
+   step is 1, so the addition itself rounds t half to even (M is even), and
+   the bit pattern of ``M + k`` is ``bits(M) + k``; ``bits(1.5 * 2**23)``
+   ends in a zero byte, so the low byte of the pattern is ``(z + k) mod 256``;
+4. an int32 → uint8/int8 cast keeps that low byte: the code.
+
+When z is odd the rounding needs an even M, so z is added to the codes in
+their own (wrapping) 8-bit type afterwards instead. Identical codes to the
+reference expression ``clip(rint(x / s) + z, lo, hi)`` on every input
+(tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -12,40 +28,95 @@ import numpy as np
 
 from .blocks import CHUNK, iter_blocks, pick
 
+_MAGIC = 1.5 * 2**23  # bits 0x4B400000
+# The clip ufunc itself: np.clip's Python wrapper costs a few µs per block.
+_clip = getattr(getattr(np, "_core", None), "umath", None)
+_clip = getattr(_clip, "clip", np.clip)
+
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: int, hi: int,
              axis: int | None, out_dtype: np.dtype) -> np.ndarray:
-    """Codes of C-contiguous float32 ``x``: clamp(lo, hi, rint(x/scale) + zero_point)."""
+    """Codes of C-contiguous float32 ``x``: clamp(lo, hi, rint(x/scale) + zero_point).
+
+    ``lo``/``hi`` lie in the range of ``out_dtype`` (uint8 or int8), and so do the zero points.
+    """
     scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zero_point).astype(np.float32)
+    zp = np.asarray(zero_point).astype(np.int64)
+    out_dtype = np.dtype(out_dtype)
     out = np.empty(x.shape, out_dtype)
+    if x.size == 0:
+        return out
     xf, of = x.reshape(-1), out.reshape(-1)
     buf = np.empty(min(x.size, CHUNK), np.float32)
-    for start, stop, rows, cols, ch in iter_blocks(x.shape, axis if scale.ndim else None):
-        t = buf[: stop - start].reshape(rows, cols)
-        with np.errstate(over="ignore"):  # |x|/scale beyond FLT_MAX is inf: saturates below
-            np.divide(xf[start:stop].reshape(rows, cols), pick(scale, ch), out=t)
-        np.rint(t, out=t)
-        z = pick(zp, ch)
-        if ch is not None or z:
-            t += z
-        np.clip(t, lo, hi, out=t)
-        of[start:stop].reshape(rows, cols)[...] = t
+    per_channel = scale.ndim > 0 and axis is not None
+    if not per_channel:
+        scale, zp = scale.reshape(-1)[0], zp.reshape(-1)
+    odd = bool(np.any(zp % 2))  # z then goes in after the cast, in the 8-bit type
+    # Per block: the step, the float clamp bounds, the rounding constant, and z or None.
+    bounds_lo = (lo - zp).astype(np.float32)
+    bounds_hi = (hi - zp).astype(np.float32)
+    magic = np.float32(_MAGIC) + (np.zeros_like(zp) if odd else zp).astype(np.float32)
+    late = zp.astype(out_dtype) if odd else None  # values fit out_dtype (checked ranges)
+    if not per_channel:
+        bounds_lo, bounds_hi, magic = bounds_lo[0], bounds_hi[0], magic[0]
+        late = None if late is None else late[0]
+    with np.errstate(over="ignore"):  # |x|/scale beyond FLT_MAX is inf: clamped below
+        if not per_channel:  # the hot loop, with nothing but the four calls
+            z = late
+            for start in range(0, x.size, CHUNK):
+                stop = min(start + CHUNK, x.size)
+                t, o = buf[: stop - start], of[start:stop]
+                np.divide(xf[start:stop], scale, out=t)
+                _clip(t, bounds_lo, bounds_hi, out=t)
+                np.add(t, magic, out=t)
+                np.copyto(o, t.view(np.int32), casting="unsafe")  # the low byte
+                if z is not None:
+                    np.add(o, z, out=o)  # wraps modulo 256 like the low byte above
+            return out
+        for start, stop, rows, cols, ch in iter_blocks(x.shape, axis):
+            t = buf[: stop - start].reshape(rows, cols)
+            o = of[start:stop].reshape(rows, cols)
+            if ch is None:
+                s, b0, b1, m, z = scale, bounds_lo, bounds_hi, magic, late
+            else:
+                s, b0, b1, m = (pick(v, ch) for v in (scale, bounds_lo, bounds_hi, magic))
+                z = None if late is None else pick(late, ch)
+            np.divide(xf[start:stop].reshape(rows, cols), s, out=t)
+            _clip(t, b0, b1, out=t)
+            np.add(t, m, out=t)
+            np.copyto(o, t.view(np.int32), casting="unsafe")  # the low byte
+            if z is not None:
+                np.add(o, z, out=o)  # wraps modulo 256 like the low byte above
     return out
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                axis: int | None, out: np.ndarray | None = None) -> np.ndarray:
-    """``(codes - zero_point) * scale`` in float32; the subtraction is exact in integers."""
+    """``(codes - zero_point) * scale`` in float32.
+
+    The codes widen to float32 exactly and ``codes - zero_point`` is a small
+    integer, exact in float32 too, so the one rounding is the product's, as in
+    the integer-subtract-then-multiply reference.
+    """
     scale = np.asarray(scale, np.float32)
-    zp = np.asarray(zero_point).astype(np.int16)
+    zp = np.asarray(zero_point).astype(np.float32)
     if out is None:
         out = np.empty(codes.shape, np.float32)
+    if codes.size == 0:
+        return out
     cf, of = codes.reshape(-1), out.reshape(-1)
-    buf = np.empty(min(codes.size, CHUNK), np.int16)
-    for start, stop, rows, cols, ch in iter_blocks(codes.shape, axis if scale.ndim else None):
-        t = buf[: stop - start].reshape(rows, cols)
-        np.subtract(cf[start:stop].reshape(rows, cols), pick(zp, ch), out=t, dtype=np.int16)
-        np.multiply(t, pick(scale, ch), out=of[start:stop].reshape(rows, cols),
-                    dtype=np.float32)
+    per_channel = scale.ndim > 0 and axis is not None
+    if not per_channel:
+        scale, zp = scale.reshape(-1)[0], zp.reshape(-1)[0]
+    any_zp = bool(np.any(zp))
+    for start, stop, rows, cols, ch in iter_blocks(codes.shape, axis if per_channel else None):
+        o = of[start:stop].reshape(rows, cols)
+        np.copyto(o, cf[start:stop].reshape(rows, cols))
+        if ch is None:
+            s, z = scale, zp
+        else:
+            s, z = pick(scale, ch), pick(zp, ch)
+        if any_zp:
+            np.subtract(o, z, out=o)
+        np.multiply(o, s, out=o)
     return out

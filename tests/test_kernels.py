@@ -1,0 +1,410 @@
+"""Fast kernels against plain numpy reference implementations: identical codes.
+
+Every fast path (the magic-number uniform quantizer, the fused min/max, the
+code tables of the companders, the block-wise table lookup, the fused signed
+offset of the bit packer) must give exactly what a straightforward whole-array
+numpy expression gives, for every method, bit width, sign and axis, and on
+sizes around every block boundary. Block sizes are shrunk here so that small
+tensors cross many of them. No timing is asserted: bench/ reports speed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import codec
+from codec import bitpack
+from codec.mappings import blocks, compander, get, uniform
+from codec.mappings.base import code_range
+
+METHODS = ("linear", "symmetric", "mulaw", "log", "exp")
+COMPANDERS = ("mulaw", "log", "exp")
+F32 = np.finfo(np.float32)
+
+
+# --- plain references ---------------------------------------------------------
+
+
+def _col(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    p = np.asarray(p)
+    if axis is None or p.ndim == 0:
+        return p.reshape(())
+    shape = [1] * ndim
+    shape[axis] = p.size
+    return p.reshape(shape)
+
+
+def ref_uniform_quantize(x, scale, zp, lo, hi, axis, dtype):
+    """ONNX QuantizeLinear in one expression: divide, round half to even, add z, clamp."""
+    s = _col(np.asarray(scale, np.float32), x.ndim, axis)
+    z = _col(np.asarray(zp).astype(np.float32), x.ndim, axis)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.rint((x / s).astype(np.float32)) + z
+    return np.clip(t, lo, hi).astype(dtype)
+
+
+def ref_uniform_dequantize(codes, scale, zp, axis):
+    s = _col(np.asarray(scale, np.float32), codes.ndim, axis)
+    z = _col(np.asarray(zp).astype(np.int16), codes.ndim, axis)
+    return np.multiply(codes.astype(np.int16) - z, s, dtype=np.float32)
+
+
+def ref_compander_quantize(mapping, x, bits, axis, signed, params):
+    """The companding quantizer of docs/CODECS.md on the whole array at once."""
+    top = (1 << bits) - 1
+    p = {k: _col(v, x.ndim, axis) for k, v in params.items()}
+    with np.errstate(all="ignore"):
+        if mapping.name == "log":
+            from codec.mappings.log import _index, _magnitudes
+            m = _magnitudes(bits, signed)
+            a = np.abs(x)
+            k = _index(a, np.log(p["max_abs"].astype(np.float64)),
+                       np.log(p["beta"].astype(np.float64)), m, np.empty_like(a))
+            k = np.copysign(k, x)
+            return (k if signed else np.maximum(k, 0)).astype(np.int8 if signed else np.uint8)
+        t = np.abs(x)
+        mapping.compress(t, p)
+        t = np.copysign(np.clip(t, 0.0, 1.0), x)
+        if signed:
+            t = np.rint((t + np.float32(1.0)) * np.float32(top / 2)) - (1 << (bits - 1))
+            return t.astype(np.int8)
+        return np.rint(np.maximum(t, np.float32(0)) * np.float32(top)).astype(np.uint8)
+
+
+def ref_lookup(lut, codes, bits, signed, axis):
+    idx = codes.view(np.uint8).astype(np.int64)
+    if signed:
+        idx = (idx + (1 << (bits - 1))) & ((1 << bits) - 1)
+    if lut.shape[0] == 1:
+        return lut[0][idx]
+    ch = np.arange(codes.shape[axis]).reshape([-1 if i == axis else 1
+                                               for i in range(codes.ndim)])
+    return lut[np.broadcast_to(ch, codes.shape), idx]
+
+
+def ref_pack(codes: np.ndarray, bits: int, signed: bool = False) -> bytes:
+    """The stream as a bit matrix: row i is code i's bits, LSB first."""
+    u = codes.reshape(-1).view(np.uint8).astype(np.int64)
+    if signed:
+        u = (u + (1 << (bits - 1))) & ((1 << bits) - 1)
+    matrix = ((u[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return np.packbits(matrix.reshape(-1), bitorder="little").tobytes()
+
+
+# --- data -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Blocks of 64 elements (and code tables from 100 elements on)."""
+    monkeypatch.setattr(blocks, "CHUNK", 64)
+    monkeypatch.setattr(blocks, "_REDUCE_CHUNK", 64)
+    monkeypatch.setattr(uniform, "CHUNK", 64)
+    monkeypatch.setattr(compander, "CHUNK", 64)
+    monkeypatch.setattr(compander, "LUT_MIN_SIZE", 100)
+    monkeypatch.setattr(bitpack, "_CHUNK", 64)
+    yield 64
+
+
+def data(rng: np.random.Generator, shape: tuple[int, ...], special: bool = True
+         ) -> np.ndarray:
+    x = (rng.laplace(size=shape) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    flat = x.reshape(-1)
+    if special and flat.size > 16:
+        i = rng.choice(flat.size, 8, replace=False)
+        flat[i] = [0.0, -0.0, F32.smallest_subnormal, -F32.smallest_subnormal,
+                   F32.tiny, 1e-30, -1e-30, 0.5]
+        flat[::17] = np.rint(flat[::17])  # integers...
+        flat[::19] = np.rint(flat[::19]) + 0.5  # ...and exact ties for power-of-2 steps
+    return x
+
+
+# Sizes around the shrunk block of 64 (and the bit packer's quantum of 8).
+SIZES = [1, 7, 63, 64, 65, 127, 129, 200, 1000]
+SHAPES = [(1000,), (3, 5, 67), (2, 64, 3), (4, 33), (1, 16, 7, 7)]
+
+
+def axes(shape: tuple[int, ...]) -> list[int | None]:
+    return [None] + sorted({0, len(shape) - 1, 1 % len(shape)})
+
+
+# --- uniform quantizer ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_uniform_quantize_matches_reference(small_blocks, bits: int, signed: bool) -> None:
+    rng = np.random.default_rng(bits * 2 + signed)
+    lo, hi = code_range(bits, signed)
+    dtype = np.int8 if signed else np.uint8
+    for shape in SHAPES + [(n,) for n in SIZES]:
+        x = data(rng, shape)
+        for axis in axes(shape):
+            n = None if axis is None else shape[axis]
+            pow2 = rng.integers(0, 2)
+            if pow2:  # exact ties
+                scale = (2.0 ** rng.integers(-3, 3, () if n is None else n)).astype(np.float32)
+            else:
+                scale = rng.uniform(1e-3, 3, () if n is None else n).astype(np.float32)
+            zp = rng.integers(lo, hi + 1, () if n is None else n).astype(np.int16)
+            for extreme in (False, True):
+                xx = x.copy()
+                if extreme and xx.size > 4:
+                    xx.reshape(-1)[:4] = [np.inf, -np.inf, F32.max, -F32.max]
+                got = uniform.quantize(xx, scale, zp, lo, hi, axis, np.dtype(dtype))
+                want = ref_uniform_quantize(xx, scale, zp, lo, hi, axis, dtype)
+                np.testing.assert_array_equal(got, want, err_msg=f"{shape} axis={axis}")
+            codes = got
+            np.testing.assert_array_equal(
+                uniform.dequantize(codes, scale, zp, axis).view(np.uint32),
+                ref_uniform_dequantize(codes, scale, zp, axis).view(np.uint32))
+
+
+def test_uniform_odd_and_even_zero_points_per_channel(small_blocks) -> None:
+    rng = np.random.default_rng(7)
+    x = data(rng, (6, 50))
+    scale = np.full(6, 0.5, np.float32)  # ties everywhere x is a multiple of 0.25
+    x[:, ::2] = np.rint(x[:, ::2] * 4) / 4
+    for zp in ([0, 1, 2, 3, 254, 255], [2, 4, 6, 8, 10, 12], [1, 3, 5, 7, 9, 11]):
+        z = np.array(zp, np.int16)
+        got = uniform.quantize(x, scale, z, 0, 255, 0, np.dtype(np.uint8))
+        np.testing.assert_array_equal(got, ref_uniform_quantize(x, scale, z, 0, 255, 0,
+                                                                np.uint8))
+
+
+# --- min / max ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(n,) for n in SIZES] + [(2, 3, 200), (300, 2)])
+def test_min_max_matches_reference(small_blocks, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    x = data(rng, shape)
+    for axis in axes(shape):
+        red = None if axis is None else tuple(i for i in range(x.ndim) if i != axis)
+        mn, mx = blocks.min_max(x, axis)
+        np.testing.assert_array_equal(mn, np.min(x, axis=red).astype(np.float64))
+        np.testing.assert_array_equal(mx, np.max(x, axis=red).astype(np.float64))
+    y = x.copy()
+    y.reshape(-1)[y.size // 2] = np.nan
+    assert np.isnan(blocks.checked_range(y)[0]) and np.isnan(blocks.checked_range(y)[1])
+
+
+def test_noted_range_is_used_once_and_only_for_its_array() -> None:
+    x = np.arange(10, dtype=np.float32)
+    lo, hi = blocks.checked_range(x)
+    assert (lo, hi) == (0, 9)
+    x[3] = 100  # mutated after the check: a fit of it must scan again...
+    blocks.checked_range(x)
+    assert blocks.min_max(x, None)[1] == 100
+    x[4] = 200  # ...and a note serves one fit only
+    assert blocks.min_max(x, None)[1] == 200
+    y = x.copy()
+    blocks.checked_range(x)
+    y[0] = -5
+    assert blocks.min_max(y, None)[0] == -5  # another array never takes x's note
+
+
+def test_encode_after_in_place_mutation_sees_new_range() -> None:
+    x = np.linspace(-1, 1, 1000, dtype=np.float32)
+    codec.encode(x, "linear", 8, scale=0.01)  # notes a range its fit does not consume
+    x *= 10
+    q = codec.decode_qtensor(codec.encode(x, "linear", 8))
+    assert np.isclose(float(q.scale) * 255, 20, rtol=0.01)
+
+
+# --- companders ------------------------------------------------------------------------
+
+
+def _params(name: str, x: np.ndarray, bits: int, axis: int | None, signed: bool):
+    mapping = get(name)
+    lo, hi = mapping.bit_range(signed)
+    if not lo <= bits <= hi:
+        return None
+    return mapping, *mapping.fit(x, bits, axis, signed, {})
+
+
+@pytest.mark.parametrize("name", COMPANDERS)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_compander_codes_match_reference(small_blocks, name: str, bits: int,
+                                         signed: bool) -> None:
+    rng = np.random.default_rng(bits * 7 + signed)
+    for shape in [(1000,), (3, 5, 67), (4, 33), (129,)]:
+        x = data(rng, shape)
+        if not signed and rng.integers(0, 2):
+            x = np.abs(x)
+        for axis in axes(shape):
+            fitted = _params(name, x, bits, axis, signed)
+            if fitted is None:
+                return
+            mapping, is_signed, params = fitted
+            xx = x.copy()
+            xx.reshape(-1)[:3] = [np.inf, -np.inf, -F32.max]  # saturate like the reference
+            got = mapping.quantize(xx, bits, axis, is_signed, params)
+            want = ref_compander_quantize(mapping, xx, bits, axis, is_signed, params)
+            np.testing.assert_array_equal(got, want, err_msg=f"{shape} axis={axis}")
+            lut = mapping.table(bits, is_signed, params)
+            np.testing.assert_array_equal(
+                mapping.dequantize(got, bits, axis, is_signed, params),
+                ref_lookup(lut, got, bits, is_signed, axis))
+
+
+@pytest.mark.parametrize("name", COMPANDERS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_code_table_at_its_own_steps(name: str, bits: int) -> None:
+    """Every step of the table, both of its float32 neighbours and every bucket edge."""
+    rng = np.random.default_rng(bits)
+    x = data(rng, (5000,))
+    for signed in (False, True):
+        fitted = _params(name, x, bits, None, signed)
+        if fitted is None:
+            continue
+        mapping, is_signed, params = fitted
+        dtype = np.dtype(np.int8 if is_signed else np.uint8)
+        table = blocks.CodeTable.build(
+            lambda v: mapping._quantize_direct(v, bits, None, is_signed, params), dtype)
+        assert table is not None
+        steps = table.thr[np.isfinite(table.thr)]
+        edges = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+        edges = edges[np.isfinite(edges)]
+        probe = np.concatenate([steps, np.nextafter(steps, -np.inf), np.nextafter(steps, np.inf),
+                                edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),
+                                np.float32([0.0, -0.0, np.inf, -np.inf])]).astype(np.float32)
+        probe = probe[~np.isnan(probe)]
+        want = ref_compander_quantize(mapping, probe, bits, None, is_signed, params)
+        np.testing.assert_array_equal(table.quantize(probe, dtype), want)
+
+
+def test_compander_table_is_used_for_large_tensors() -> None:
+    x = data(np.random.default_rng(0), (blocks.LUT_MIN_SIZE + 3,))
+    for name in COMPANDERS:
+        mapping, signed, params = _params(name, x, 4, None, True)
+        got = mapping.quantize(x, 4, None, signed, params)
+        np.testing.assert_array_equal(
+            got, ref_compander_quantize(mapping, x, 4, None, signed, params))
+
+
+# --- bit packing with the signed offset -------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", SIZES + [0, 8, 9, 71])
+def test_pack_signed_matches_reference(small_blocks, bits: int, n: int) -> None:
+    rng = np.random.default_rng(bits * 100 + n)
+    lo, hi = code_range(bits, True)
+    codes = rng.integers(lo, hi + 1, n).astype(np.int8)
+    packed = bitpack.pack(codes, bits, signed=True)
+    assert packed.tobytes() == ref_pack(codes, bits, signed=True)
+    back = bitpack.unpack(packed, bits, n, signed=True)
+    assert back.dtype == np.int8
+    np.testing.assert_array_equal(back, codes)
+    out = np.full(n, 99, np.int8)
+    assert bitpack.unpack(packed.tobytes(), bits, n, out=out, signed=True) is out
+    np.testing.assert_array_equal(out, codes)
+    unsigned = (codes.view(np.uint8) & ((1 << bits) - 1)).astype(np.uint8)
+    assert bitpack.pack(unsigned, bits).tobytes() == ref_pack(unsigned, bits)
+
+
+def test_pack_signed_layouts_and_unaligned(small_blocks) -> None:
+    rng = np.random.default_rng(1)
+    for bits in (3, 5, 8):
+        lo, hi = code_range(bits, True)
+        big = rng.integers(lo, hi + 1, (2, 301)).astype(np.int8)
+        for codes in (big, big[:, 1:], big.T, big[1, 3:]):
+            assert bitpack.pack(codes, bits, signed=True).tobytes() == \
+                ref_pack(np.ascontiguousarray(codes), bits, signed=True)
+
+
+def test_pack_copy_false_may_share_only_for_8_bits() -> None:
+    codes = np.arange(64, dtype=np.uint8)
+    assert np.shares_memory(bitpack.pack(codes, 8, copy=False), codes)
+    assert not np.shares_memory(bitpack.pack(codes, 8), codes)
+    assert not np.shares_memory(bitpack.pack(codes & 7, 3, copy=False), codes)
+    with pytest.raises(TypeError, match="uint8"):
+        bitpack.pack(codes.view(np.int8), 4)
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streams_carry_the_reference_codes(small_blocks, method: str) -> None:
+    rng = np.random.default_rng(3)
+    mapping = get(method)
+    for bits in range(1, 9):
+        for signed in (False, True):
+            lo, hi = mapping.bit_range(signed)
+            if not lo <= bits <= hi:
+                continue
+            for shape in [(1, 16, 7, 7), (1000,)]:
+                x = data(rng, shape)
+                for axis in axes(shape):
+                    q = codec.quantize(x, method, bits, axis, signed=signed)
+                    params = {p.name: q.param(p.name) for p in mapping.params}
+                    if mapping.linear:
+                        slo, shi = code_range(bits, q.signed)
+                        if method == "symmetric":
+                            params["zero_point"] = np.zeros((), np.int16)
+                        want = ref_uniform_quantize(x, params["scale"], params["zero_point"],
+                                                    slo, shi, axis, q.codes.dtype)
+                    else:
+                        want = ref_compander_quantize(mapping, x, bits, axis, q.signed, params)
+                    np.testing.assert_array_equal(q.codes, want)
+                    blob = codec.encode(x, method, bits, axis, signed=signed)
+                    assert blob[-4:] == zlib.crc32(blob[:-4]).to_bytes(4, "little")
+                    back = codec.decode_qtensor(blob)
+                    np.testing.assert_array_equal(back.codes, want)
+                    np.testing.assert_array_equal(codec.decode(blob), codec.dequantize(q))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_code_table_with_several_steps_in_a_bucket(steps: int) -> None:
+    """Up to three steps inside one bucket (high 16 bits): the gather-and-compare path."""
+    edges = np.float32([1.0005, 1.001, 1.002][:steps] + [-2.0, 7.5])
+    edges.sort()
+
+    def f(v: np.ndarray) -> np.ndarray:
+        return (v[:, None] >= edges).sum(axis=1).astype(np.uint8)
+
+    table = blocks.CodeTable.build(f, np.dtype(np.uint8))
+    assert table is not None
+    assert (table.entry is None) == (steps > 1)
+    probe = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
+                            np.nextafter(edges, np.float32(np.inf)),
+                            np.linspace(-3, 9, 5001, dtype=np.float32),
+                            np.float32([0.0, -0.0, np.inf, -np.inf])])
+    np.testing.assert_array_equal(table.quantize(probe, np.dtype(np.uint8)), f(probe))
+
+
+def test_code_table_refuses_what_it_cannot_hold() -> None:
+    four = np.float32([1.0005, 1.001, 1.002, 1.003])  # four steps inside one bucket
+    assert blocks.CodeTable.build(
+        lambda v: (v[:, None] >= four).sum(axis=1).astype(np.uint8), np.dtype(np.uint8)) is None
+    # a jump of two codes at one value
+    assert blocks.CodeTable.build(
+        lambda v: np.where(v >= 1, 2, 0).astype(np.uint8), np.dtype(np.uint8)) is None
+    # codes beyond the output type
+    assert blocks.CodeTable.build(
+        lambda v: (v >= 1).astype(np.int64) * 300, np.dtype(np.uint8)) is None
+
+
+@pytest.mark.parametrize("method", ["mulaw", "log", "exp"])
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_many_channel_direct_decoding_equals_table_lookup(method: str, bits: int) -> None:
+    """Streams whose per-channel tables would dwarf their output decode element by
+    element; that path must give the very same floats as the tables."""
+    from codec import mappings
+    from codec.mappings.compander import lookup
+
+    rng = np.random.default_rng(bits)
+    x = rng.laplace(size=(300, 3)).astype(np.float32)
+    q = codec.quantize(x, method, bits, axis=0)
+    m = mappings.get(method)
+    params = {p.name: q.param(p.name) for p in m.params}
+    direct = m.dequantize(q.codes, bits, 0, q.signed, params)
+    table = lookup(m.table(bits, q.signed, params), q.codes, bits, q.signed, 0)
+    assert np.array_equal(direct, table)
