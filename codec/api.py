@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from . import bitpack, container, mappings
+from . import bitpack, calibrate, container, mappings
+from . import entropy as lossless
 from .container import FLAG_RESTRICTED, FLAG_SIGNED
+from .errors import MissingExtraError
+from .mappings import blocks
 from .qtensor import QTensor
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -38,7 +41,8 @@ def _as_input(x: Any) -> tuple[np.ndarray, np.dtype]:
 def _check_nan(x: np.ndarray, allow_inf: bool) -> None:
     if x.size == 0:
         return
-    lo, hi = np.min(x), np.max(x)  # NaN propagates through min/max: one cheap pass each
+    # One fused pass (NaN propagates through min/max); a per-tensor fit reuses the range.
+    lo, hi = blocks.checked_range(x)
     if np.isnan(lo) or np.isnan(hi):
         raise ValueError("input contains NaN")
     if not allow_inf and not (np.isfinite(lo) and np.isfinite(hi)):
@@ -69,8 +73,10 @@ def _as_axis(axis: Any, ndim: int) -> int | None:
 
 
 def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
-              opts: dict[str, Any]) -> tuple[QTensor, bool]:
+              opts: dict[str, Any], clip: Any = "minmax",
+              percentile: Any = 99.99) -> tuple[QTensor, bool]:
     mapping = mappings.get(method)
+    clip, percentile = calibrate.check_rule(clip, percentile)
     unknown = set(opts) - set(mapping.options) - {"signed"}
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for method {method!r}; "
@@ -82,6 +88,8 @@ def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
     if signed is not None and not isinstance(signed, (bool, np.bool_)):
         raise TypeError("signed must be True, False or None")
     given = any(p.name in opts for p in mapping.params if p.name not in ("mu",))
+    if given and clip != "minmax":
+        raise ValueError(f"clip={clip!r} fits the range: it cannot go with given parameters")
     _check_nan(x32, allow_inf=given)
     # Validate bits for the requested sign first, then for the fitted one.
     for s in ({True, False} if signed is None else {bool(signed)}):
@@ -91,7 +99,7 @@ def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
                              f"{' for signed codes' if s else ''}, got {bits}")
     if not 1 <= bits <= 8:
         raise ValueError(f"{method}: bits must be in [1, 8], got {bits}")
-    is_signed, params = mapping.fit(x32, bits, axis, signed, opts)
+    is_signed, params = calibrate.fit(mapping, x32, bits, axis, signed, opts, clip, percentile)
     lo, hi = mapping.bit_range(is_signed)
     if not lo <= bits <= hi:
         raise ValueError(f"{method}: bits must be in [{lo}, {hi}] for "
@@ -109,14 +117,15 @@ def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
 
 def quantize(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None,
              scale: Any = None, zero_point: Any = None, signed: bool | None = None,
-             **params: Any) -> QTensor:
+             *, clip: str | None = None, percentile: float = 99.99, **params: Any) -> QTensor:
     """Map ``x`` to integer codes. Given ``scale``/``zero_point`` (or a method's own
-    parameters) skip calibration, with ONNX QuantizeLinear semantics for linear methods."""
+    parameters) skip calibration, with ONNX QuantizeLinear semantics for linear methods;
+    otherwise ``clip`` picks the fitted range (``minmax``, ``percentile``, ``mse``)."""
     if scale is not None:
         params["scale"] = scale
     if zero_point is not None:
         params["zero_point"] = zero_point
-    return _quantize(x, method, bits, axis, signed, params)[0]
+    return _quantize(x, method, bits, axis, signed, params, clip, percentile)[0]
 
 
 def _stream_params(q: QTensor) -> dict[str, np.ndarray]:
@@ -141,22 +150,95 @@ def _stored(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def encode(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None,
+# Options of encode itself (not of a method): the lossless stage, calibration and targets.
+ENCODE_OPTIONS: dict[str, str] = {
+    "entropy": "lossless stage after quantizing: 'ans' (rANS, near the codes' entropy), "
+               "'zstd', 'auto' (the smallest installed; none if featcodec[entropy] is "
+               "missing) or none (default: raw packed codes)",
+    "predictor": "lossless prediction of the codes before the entropy coder: 'auto' "
+                 "(default: whichever gives the smallest stream), 'none', 'delta' (along the "
+                 "last axis) or 'lorenzo' (2-D, over the last two axes)",
+    "clip": "range fitting: 'minmax' (default), 'percentile' or 'mse' (least squared error "
+            "for the method and bit width); with a target the codec picks it",
+    "percentile": "percentile of clip='percentile', in (50, 100] (default 99.99)",
+    "target_bits": "size target in bits per element, every header byte and the lossless "
+                   "stage included: the codec picks bits (and clipping) for the best SNR "
+                   "within it",
+    "max_abs_error": "guaranteed bound on |x - decoded| for every element: the codec picks "
+                     "the smallest stream that keeps it",
+    "target_snr_db": "quality target: the smallest stream with at least this SNR (dB)",
+}
+
+
+def encode(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None, *,
+           entropy: str | None = None, predictor: str = "auto", clip: str | None = None,
+           percentile: float = 99.99, target_bits: float | None = None,
+           max_abs_error: float | None = None, target_snr_db: float | None = None,
            **params: Any) -> bytes:
-    """Quantize and pack ``x`` into a self-describing, checksummed bitstream."""
+    """Quantize and pack ``x`` into a self-describing, checksummed bitstream.
+
+    ``entropy``/``predictor`` add the lossless stage, ``clip``/``percentile`` choose the
+    fitted range, and one of ``target_bits``, ``max_abs_error``, ``target_snr_db`` (or
+    ``method="auto"``) lets the codec pick the method, bit width and clipping
+    (docs/CODECS.md)."""
     signed = params.pop("signed", None)
-    q, restricted = _quantize(x, method, bits, axis, signed, params)
-    return encode_qtensor(q, restricted=restricted)
+    if (method == "auto" or target_bits is not None or max_abs_error is not None
+            or target_snr_db is not None):
+        from . import targets
+        clip_rule = None if clip is None else calibrate.check_rule(clip, percentile)[0]
+        return targets.encode(x, method, bits, axis, signed, params, clip_rule,
+                              calibrate.check_rule(clip, percentile)[1], entropy, predictor,
+                              target_bits, max_abs_error, target_snr_db)
+    coders = lossless.coder_candidates(entropy)
+    if not coders and entropy in (None, "none") and predictor not in (None, "auto", "none"):
+        _predictors(predictor, coders, 2)  # the error above, before any work
+    q, restricted = _quantize(x, method, bits, axis, signed, params, clip, percentile)
+    return _encode_q(q, restricted, coders, _predictors(predictor, coders, q.codes.ndim))
 
 
-def encode_qtensor(q: QTensor, restricted: bool = False) -> bytes:
-    """Serialize an existing QTensor (codes must lie in its bit range)."""
+def _predictors(predictor: Any, coders: list[int], ndim: int) -> list[int]:
+    if predictor is None:
+        predictor = "none"
+    if not isinstance(predictor, str):
+        raise TypeError(f"predictor must be a string, not {type(predictor).__name__}")
+    cands = lossless.predictor_candidates(predictor, ndim)
+    if not coders and predictor not in ("auto", "none"):
+        raise ValueError(f"predictor={predictor!r} needs a lossless stage: give entropy="
+                         f"'ans', 'zstd' or 'auto' (the featcodec[entropy] extra)")
+    return cands
+
+
+def _encode_q(q: QTensor, restricted: bool, coders: list[int],
+              predictors: list[int]) -> bytes:
+    """The stream of ``q`` with the smallest of the given lossless stages (or raw)."""
     mapping = mappings.get(q.method)
-    payload = bitpack.pack(_stored(q.codes, q.bits), q.bits)
     flags = (FLAG_SIGNED if q.signed else 0) | (FLAG_RESTRICTED if restricted else 0)
-    header = container.write_header(mapping, flags, container.CODING_RAW, q.dtype, q.bits,
-                                    q.shape, q.axis, _stream_params(q), payload.size)
-    return container.seal(header, payload)
+    coded = lossless.encode(_stored(q.codes, q.bits), q.bits, coders, predictors) \
+        if coders else None
+    if coded is None:
+        payload = bitpack.pack(q.codes, q.bits, signed=q.signed, copy=False)
+        header = container.write_header(mapping, flags, container.CODING_RAW, q.dtype, q.bits,
+                                        q.shape, q.axis, _stream_params(q), payload.size)
+        return container.seal(header, payload)
+    coding, body = coded
+    header = container.write_header(mapping, flags, coding, q.dtype, q.bits, q.shape, q.axis,
+                                    _stream_params(q), len(body))
+    return container.seal(header, body)
+
+
+def encode_qtensor(q: QTensor, restricted: bool = False, *, entropy: str | None = None,
+                   predictor: str = "auto") -> bytes:
+    """Serialize an existing QTensor (codes must lie in its bit range), optionally with the
+    lossless stage (``entropy``, ``predictor`` as in :func:`encode`)."""
+    if entropy is None or entropy == "none":
+        mapping = mappings.get(q.method)
+        payload = bitpack.pack(q.codes, q.bits, signed=q.signed, copy=False)
+        flags = (FLAG_SIGNED if q.signed else 0) | (FLAG_RESTRICTED if restricted else 0)
+        header = container.write_header(mapping, flags, container.CODING_RAW, q.dtype, q.bits,
+                                        q.shape, q.axis, _stream_params(q), payload.size)
+        return container.seal(header, payload)
+    coders = lossless.coder_candidates(entropy)
+    return _encode_q(q, restricted, coders, _predictors(predictor, coders, q.codes.ndim))
 
 
 def decode_qtensor(blob: bytes | bytearray | memoryview,
@@ -164,10 +246,13 @@ def decode_qtensor(blob: bytes | bytearray | memoryview,
     """Parse and verify a stream and unpack its codes, without dequantizing."""
     h = container.parse(blob, max_elements)
     payload = memoryview(blob).cast("B")[h.payload_offset: h.payload_offset + h.payload_size]
-    codes = bitpack.unpack(payload, h.bits, h.size).reshape(h.shape)
-    if h.signed:  # stored s = code + N/2; uint8 wrap-around then an int8 view undoes it
-        codes -= np.uint8(1 << (h.bits - 1))
-        codes = codes.view(np.int8)
+    if h.coding == container.CODING_RAW:  # signed: unpack subtracts N/2 block by block
+        codes = bitpack.unpack(payload, h.bits, h.size, signed=h.signed).reshape(h.shape)
+    else:  # the lossless stage: bounded by the header's element count, see codec/entropy.py
+        codes = lossless.decode(h.coding, payload, h.shape, h.bits)
+        if h.signed:  # stored s = code + N/2; uint8 wrap-around then an int8 view undoes it
+            codes -= np.uint8(1 << (h.bits - 1))
+            codes = codes.view(np.int8)
     params = dict(h.params)
     scale = params.pop("scale", None) if h.mapping.linear else None
     zp = params.pop("zero_point", None) if h.mapping.linear else None
@@ -191,6 +276,18 @@ def inspect(blob: bytes | bytearray | memoryview,
     h = container.parse(blob, max_elements)
     n = h.size
     original = n * h.dtype.itemsize
+    lossless_info: dict[str, Any] = {}
+    if h.coding != container.CODING_RAW:
+        # A coded payload is verified (decoded, not dequantized), so inspect accepts exactly
+        # the streams decode accepts; without the extra the header is still reported.
+        lossless_info = {"entropy": h.entropy, "predictor": h.predictor,
+                         "packed_bytes": h.packed_size}
+        try:
+            payload = memoryview(blob).cast("B")[h.payload_offset:
+                                                 h.payload_offset + h.payload_size]
+            lossless.decode(h.coding, payload, h.shape, h.bits)
+        except MissingExtraError as exc:
+            lossless_info["missing_extra"] = exc.extra
     return {
         "format_version": h.version,
         "method": h.mapping.name,
@@ -208,6 +305,7 @@ def inspect(blob: bytes | bytearray | memoryview,
         "original_bytes": original,
         "ratio": (original / h.total_size),
         "bits_per_element": (8 * h.total_size / n) if n else None,
+        **lossless_info,
     }
 
 

@@ -14,7 +14,7 @@ from math import prod
 
 import numpy as np
 
-from . import mappings
+from . import entropy, mappings, predict
 from .errors import FormatError
 from .mappings.base import Mapping, Params
 
@@ -30,7 +30,8 @@ FLAG_SIGNED = 0x01
 FLAG_RESTRICTED = 0x02
 KNOWN_FLAGS = FLAG_SIGNED | FLAG_RESTRICTED
 
-CODING_RAW = 0  # densely packed codes; other values are reserved
+CODING_RAW = 0  # densely packed codes
+# Other codings: (entropy coder << 4) | predictor, see codec/entropy.py and docs/FORMAT.md.
 
 DTYPES = {1: np.dtype(np.float16), 2: np.dtype(np.float32), 3: np.dtype(np.float64)}
 DTYPE_IDS = {v: k for k, v in DTYPES.items()}
@@ -61,6 +62,19 @@ class Header:
     @property
     def total_size(self) -> int:
         return self.payload_offset + self.payload_size + CRC_SIZE
+
+    @property
+    def packed_size(self) -> int:
+        """Size of the raw densely packed codes, ⌈n·b/8⌉ (the payload of a raw stream)."""
+        return (self.size * self.bits + 7) // 8
+
+    @property
+    def entropy(self) -> str:
+        return entropy.CODER_NAMES[entropy.split_coding(self.coding)[0]]
+
+    @property
+    def predictor(self) -> str:
+        return predict.BY_ID[entropy.split_coding(self.coding)[1]]
 
 
 def uleb128(n: int) -> bytes:
@@ -98,12 +112,8 @@ def write_header(mapping: Mapping, flags: int, coding: int, dtype: np.dtype, bit
 def seal(header: bytes, payload: np.ndarray | bytes) -> bytes:
     """header + payload + CRC32 of both, in one buffer."""
     body = memoryview(payload).cast("B") if not isinstance(payload, bytes) else payload
-    out = bytearray(len(header) + len(body) + CRC_SIZE)
-    out[: len(header)] = header
-    out[len(header): len(header) + len(body)] = body
-    crc = zlib.crc32(memoryview(out)[: len(out) - CRC_SIZE])
-    out[-CRC_SIZE:] = crc.to_bytes(4, "little")
-    return bytes(out)
+    crc = zlib.crc32(body, zlib.crc32(header))  # running CRC: no staging buffer to checksum
+    return b"".join((header, body, crc.to_bytes(4, "little")))  # the payload's one copy
 
 
 class _Reader:
@@ -153,7 +163,7 @@ def parse(blob: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_
     if flags & ~KNOWN_FLAGS:
         raise FormatError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x}")
     if coding != CODING_RAW:
-        raise FormatError(f"unsupported payload coding {coding}")
+        entropy.check_coding(coding, ndim)
     if dtype_id not in DTYPES:
         raise FormatError(f"unknown dtype id {dtype_id}")
     signed = bool(flags & FLAG_SIGNED)
@@ -180,9 +190,13 @@ def parse(blob: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_
         params[p.name] = v if p.per_channel and axis is not None else v.reshape(())
     payload_size = r.varint("payload length")
     expected = (n * bits + 7) // 8
-    if payload_size != expected:
+    if coding == CODING_RAW and payload_size != expected:
         raise FormatError(f"payload length {payload_size} does not match {n} elements "
                           f"at {bits} bits ({expected} bytes)")
+    if coding != CODING_RAW and payload_size >= expected:
+        # An encoder writes a coded payload only when it is smaller than the packed codes.
+        raise FormatError(f"coded payload length {payload_size} is not below the "
+                          f"{expected} bytes of the packed codes (coding 0x{coding:02x})")
     offset = r.pos
     total = offset + payload_size + CRC_SIZE
     if len(buf) < total:
