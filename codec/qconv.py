@@ -373,8 +373,8 @@ def _centre(lo: int, hi: int, z_x: int, padded: bool) -> tuple[int, int]:
 
 
 def _accumulate(x: QTensor, w: QTensor, g: ConvGeometry, z_x: int, z_w: np.ndarray,
-                force: Path | None = None,
-                min_chunk: int = MIN_F32_CHUNK) -> tuple[np.ndarray, np.ndarray, str]:
+                force: Path | None = None, min_chunk: int = MIN_F32_CHUNK,
+                cache: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
     """Exact accumulator as ``(core, offset, path)`` with acc = core + offset[o].
 
     With a = x_Q - alpha (padding taps = z_x - alpha) and b = w_Q - z_w:
@@ -387,7 +387,8 @@ def _accumulate(x: QTensor, w: QTensor, g: ConvGeometry, z_x: int, z_w: np.ndarr
     xi, wi = np.iinfo(x.codes.dtype), np.iinfo(w.codes.dtype)
     alpha, amax = _centre(xi.min, xi.max, z_x, padded)
     bmax = _bmax(wi.min, wi.max, z_w)
-    prep = _prepared(w.codes, z_w) if bmax < F32_EXACT // 2 else None
+    prepare = _prepared if cache else _prepare
+    prep = prepare(w.codes, z_w) if bmax < F32_EXACT // 2 else None
     l1 = prep.l1 if prep else bmax * k  # max_o sum_k |b_ok|
     if force is None and amax * l1 > F32_EXACT:  # tighten with the actual codes
         alpha, amax = _centre(int(x.codes.min()), int(x.codes.max()), z_x, padded)
@@ -433,7 +434,8 @@ def accumulate(x: QTensor, w: QTensor, stride: Any = 1, padding: Any = 0, dilati
 
 def qconv2d(x: QTensor, w: QTensor, bias: np.ndarray | None = None, stride: Any = 1,
             padding: Any = 0, dilation: Any = 1, groups: int = 1, out_scale: Any = None,
-            out_zero_point: Any = None, relu: bool = False) -> np.ndarray | QTensor:
+            out_zero_point: Any = None, relu: bool = False, *,
+            cache: bool = True) -> np.ndarray | QTensor:
     """2-D convolution of quantized NCHW activations with quantized OIHW weights.
 
     ``x``: per-tensor "linear"/"symmetric" QTensor (uint8 or int8 codes).
@@ -446,10 +448,11 @@ def qconv2d(x: QTensor, w: QTensor, bias: np.ndarray | None = None, stride: Any 
     (and ``out_zero_point``, default 0) a requantized 8-bit "linear" QTensor,
     bit-exact with onnxruntime's QLinearConv; int8 codes iff x is signed.
     ``relu`` clamps at 0 (float) or at the output zero point (codes).
+    ``cache``: keep the prepared weights for reuse (weights used once: False).
     """
     s_x, z_x, s_w, z_w = check_operands(x, w)
     g = conv_geometry(x.codes.shape, w.codes.shape, stride, padding, dilation, groups)
     bias_q = quantized_bias(bias, s_x, s_w)
     out = requant_params(out_scale, out_zero_point, x.signed)
-    core, offset, _ = _accumulate(x, w, g, z_x, z_w)
+    core, offset, _ = _accumulate(x, w, g, z_x, z_w, cache=cache)
     return finish(core, offset, bias_q, s_x, s_w, out, bool(relu), x.signed)

@@ -596,3 +596,17 @@ def test_errors(backend: Any, name: str, call: Any, exc: type[Exception]) -> Non
 def test_valid_baseline_of_error_cases() -> None:
     x, w = _ok()
     assert qconv2d(x, w, groups=2).shape == (1, 6, 3, 3)
+
+
+def test_uncached_weights_are_not_kept() -> None:
+    from codec import qconv as qc
+    rng = np.random.default_rng(7)
+    x = QTensor(codes=rng.integers(0, 256, (1, 3, 5, 5), dtype=np.uint8), method="linear",
+                bits=8, scale=np.float32(0.1), zero_point=np.array(7, np.int16))
+    w = QTensor(codes=rng.integers(-128, 128, (4, 3, 3, 3), dtype=np.int8), method="symmetric",
+                bits=8, scale=np.float32(0.05), zero_point=np.array(0, np.int16))
+    qc._prep_cache.clear()
+    y0 = qc.qconv2d(x, w, cache=False)
+    assert id(w.codes) not in qc._prep_cache
+    assert np.array_equal(y0, qc.qconv2d(x, w))
+    assert id(w.codes) in qc._prep_cache
