@@ -405,18 +405,26 @@ def _parse_param(text: str) -> tuple[str, Any]:
 
 def _validate_encoding(methods: list[dict[str, Any]], method: str, bits: int,
                        params: dict[str, Any]) -> None:
+    from codec.api import ENCODE_OPTIONS  # the lossless stage, clipping and targets
+
     by_name = {m["name"]: m for m in methods}
-    if method not in by_name:
-        raise UsageError(f"unknown method {method!r}; choose from {', '.join(sorted(by_name))}")
-    m = by_name[method]
-    lo = min(m["bits"]["unsigned"][0], m["bits"]["signed"][0])
-    hi = max(m["bits"]["unsigned"][1], m["bits"]["signed"][1])
+    if method == "auto":  # the codec picks the method: any method's option may apply
+        options = {o for m in methods for o in m["options"]}
+        lo, hi = 1, 8
+    elif method in by_name:
+        m = by_name[method]
+        options = set(m["options"])
+        lo = min(m["bits"]["unsigned"][0], m["bits"]["signed"][0])
+        hi = max(m["bits"]["unsigned"][1], m["bits"]["signed"][1])
+    else:
+        raise UsageError(f"unknown method {method!r}; choose from auto, "
+                         f"{', '.join(sorted(by_name))}")
     if not lo <= bits <= hi:
         raise UsageError(f"{method}: --bits must be in [{lo}, {hi}], got {bits}")
-    unknown = set(params) - set(m["options"])
+    unknown = set(params) - options - set(ENCODE_OPTIONS)
     if unknown:
         raise UsageError(f"{method} has no parameter {', '.join(sorted(unknown))}; accepted: "
-                         f"{', '.join(sorted(m['options'])) or 'none'}")
+                         f"{', '.join(sorted(options | set(ENCODE_OPTIONS)))}")
 
 
 def _add_remote_options(p: argparse.ArgumentParser) -> None:
@@ -449,7 +457,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--axis", type=int, default=None,
                    help="channel axis for per-channel parameters (default: per tensor)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method option, e.g. mu=255, signed=true, scale=0.1,0.2 (repeatable)")
+                   help="method or encode option, e.g. mu=255, signed=true, scale=0.1,0.2, "
+                        "entropy=ans, clip=mse, target_snr_db=30 (repeatable)")
     _add_batch_options(p)
     _add_remote_options(p)
     p.set_defaults(func=_compress)

@@ -8,15 +8,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 import codec
 
-from . import metrics, problems
+from . import auth, limits, metrics, problems
 from .routers import codec as codec_routes
+from .routers import conv as conv_routes
 from .routers import health
+from .routers import layers as layer_routes
 from .settings import Settings
 
 log = logging.getLogger("featcodec.service")
@@ -35,8 +37,11 @@ def _self_test() -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    limits.configure_threads(app.state.settings)
     try:
         await run_in_threadpool(_self_test)
+        # load the conv2d backend now (not on the first request); fails for an unusable ort
+        await run_in_threadpool(conv_routes.warm_up, app.state.settings)
         app.state.ready = True
     except Exception:  # stay alive but unready: /readyz tells the orchestrator
         log.exception("codec self-test failed; /readyz will answer 503")
@@ -46,13 +51,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    # require_api_key applies to every route of every router (health and metrics exempt).
     app = FastAPI(title="featcodec", version=codec.__version__, description=DESCRIPTION,
-                  lifespan=_lifespan)
-    app.state.settings = settings or Settings()
+                  lifespan=_lifespan, dependencies=[Depends(auth.require_api_key)])
+    app.state.settings = settings = settings or Settings()
     app.state.ready = False
     problems.install(app)
+    app.add_middleware(limits.LimitsMiddleware, settings=settings)  # inside the metrics
     app.add_middleware(metrics.MetricsMiddleware)
     app.include_router(codec_routes.router)
+    app.include_router(conv_routes.router)
+    app.include_router(layer_routes.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:
@@ -62,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Problem is referenced from hand-written responses, so FastAPI does not emit it.
             schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = \
                 problems.Problem.model_json_schema()
+            auth.document(schema, app.routes, settings)
+            limits.document(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -40,6 +40,46 @@ BYTES_OUT = Counter("featcodec_http_response_body_bytes", "Response body bytes s
 JOBS = Gauge("featcodec_jobs_in_progress",
              "Codec and (de)serialization jobs running in the worker thread pool",
              registry=_REGISTRY, multiprocess_mode="livesum")
+# conv2d (app/routers/conv.py, app/routers/layers.py): the compute step alone, per backend
+CONV_SECONDS = Histogram("featcodec_conv_compute_seconds",
+                         "qconv2d time inside the handler (no decoding, no serialization)",
+                         ["endpoint", "backend"], registry=_REGISTRY,
+                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
+                                  5, 10, 30))
+CORRUPT_LAYERS = Counter("featcodec_corrupt_layer_files",
+                         "Corrupt layer files found (each file version once per process)",
+                         registry=_REGISTRY)
+
+
+# Rate–distortion the fleet actually gets, per codec method (the one in the stream, so
+# method=auto counts as what it chose) and lossless stage (none, ans, zstd).
+SNR_ENV = "FEATCODEC_METRICS_SNR"
+BITS_PER_ELEMENT = Histogram(
+    "featcodec_compress_bits_per_element",
+    "Bits per element of the streams /v1/compress returned, every header byte included",
+    ["method", "entropy"], registry=_REGISTRY,
+    buckets=(0.25, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32))
+SNR_DB = Histogram(
+    "featcodec_compress_snr_db",
+    "SNR in dB of what /v1/compress compressed (decoded stream against the input); "
+    f"off with {SNR_ENV}=0",
+    ["method", "entropy"], registry=_REGISTRY,
+    buckets=(0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 80, 100, 150))
+SNR_CAP_DB = 300.0  # an exact (lossless) result is counted here rather than as +inf
+
+
+def snr_enabled() -> bool:
+    """Whether /v1/compress measures the SNR (one extra decode per request): on unless
+    ``FEATCODEC_METRICS_SNR`` is 0/false/no/off."""
+    return os.environ.get(SNR_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def observe_compression(method: str, entropy: str, bits_per_element: float | None,
+                        snr_db: float | None) -> None:
+    if bits_per_element is not None:
+        BITS_PER_ELEMENT.labels(method, entropy).observe(bits_per_element)
+    if snr_db is not None and snr_db == snr_db:  # not NaN (an all-zero tensor has no SNR)
+        SNR_DB.labels(method, entropy).observe(min(snr_db, SNR_CAP_DB))
 
 
 def render() -> tuple[bytes, str]:
@@ -88,7 +128,9 @@ class MetricsMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:  # an exception here becomes a 500 in the outer error middleware
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            # path_format: the documented path ("/v1/layers/{name}", not "{name:path}")
+            endpoint = (getattr(route, "path_format", None) or getattr(route, "path", None)
+                        or "unmatched")
             method = str(state.get(STATE_KEY, ""))
             status = str(seen["status"])
             REQUESTS.labels(endpoint, method, status).inc()

@@ -77,6 +77,22 @@ class ServiceUnavailable(ProblemError):
     status, slug, title = 503, "service-unavailable", "Service unavailable"
 
 
+class Unauthorized(ProblemError):
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(ProblemError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class RequestTimeout(ProblemError):
+    status, slug, title = 408, "request-timeout", "Request timeout"
+
+
+class Overloaded(ProblemError):
+    status, slug, title = 503, "overloaded", "Service overloaded"
+
+
 def problem_response(request: Request, status: int, title: str, detail: str,
                      type_: str = "about:blank", headers: dict[str, str] | None = None,
                      **extra: Any) -> JSONResponse:

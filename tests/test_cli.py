@@ -327,3 +327,16 @@ def test_local_commands_need_neither_the_service_nor_httpx() -> None:
             "bad = [m for m in ('fastapi', 'uvicorn', 'pydantic', 'httpx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True)
+
+
+def test_encode_options_and_auto_method(x_file: tuple[np.ndarray, Path], tmp_path: Path
+                                        ) -> None:
+    x, path = x_file
+    out = tmp_path / "auto.fcq"
+    ok("compress", str(path), "-o", str(out), "-m", "auto", "-p", "entropy=ans",
+       "-p", "target_snr_db=25")
+    blob = out.read_bytes()
+    assert blob == codec.encode(x, "auto", entropy="ans", target_snr_db=25)
+    y = codec.decode(blob)
+    assert 10 * np.log10(np.mean(x**2) / np.mean((x - y) ** 2)) >= 25
+    assert "entropy" in fails(2, "compress", str(path), "-o", str(out), "-p", "bogus=1")

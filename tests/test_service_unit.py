@@ -185,3 +185,23 @@ def test_cli_rejects_bad_settings_before_starting(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FEATCODEC_WORKERS", "0")
     assert main(["serve"]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+def test_decompress_refuses_an_output_over_the_body_limit() -> None:
+    """A few-byte coded stream of a constant tensor must not make the server allocate it."""
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    import codec
+    from app.main import create_app
+    from app.settings import Settings
+
+    blob = codec.encode(np.ones((4096, 1024), np.float32), "linear", 8, entropy="ans")
+    assert len(blob) < 1024
+    app = create_app(Settings(max_body_bytes=1 << 20))
+    with TestClient(app) as c:
+        r = c.post("/v1/decompress", content=blob,
+                   headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 413, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert "decoded tensor" in r.json()["detail"]

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 import codec
+from codec import container
 
 from .. import bodies, options
-from ..metrics import JOBS, STATE_KEY
-from ..problems import (InvalidParameters, MalformedBitstream, ServiceUnavailable,
+from ..metrics import JOBS, STATE_KEY, observe_compression, snr_enabled
+from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, ServiceUnavailable,
                         UnsupportedMediaType, responses)
 from ..settings import Settings
 
@@ -43,7 +44,12 @@ _SIZE_HEADERS = {
 _BITSTREAM_BODY = {"requestBody": {"required": True, "description": "a featcodec bitstream",
                                    "content": {bodies.OCTET_STREAM: {"schema": _BINARY}}}}
 _DECODED_TYPES = (bodies.NPY, bodies.MSGPACK, "application/x-msgpack")
-_FIXED_QUERY = frozenset({"method", "bits", "axis"})
+# Options of codec.encode itself (lossless stage, calibration, targets): typed query
+# parameters of /v1/compress, documented from codec.api.ENCODE_OPTIONS.
+_ENCODE_QUERY = ("entropy", "predictor", "clip", "percentile", "target_bits", "max_abs_error",
+                 "target_snr_db")
+_FIXED_QUERY = frozenset({"method", "bits", "axis", *_ENCODE_QUERY})
+_ENCODE_DOC = codec.api.ENCODE_OPTIONS
 
 
 async def _offload(func: Callable[..., T], *args: Any) -> T:
@@ -70,11 +76,51 @@ def _encode(arr: np.ndarray, method: str, bits: int, axis: int | None,
         raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
     except (TypeError, ValueError) as exc:  # the library's argument and data errors
         raise InvalidParameters(str(exc)) from None
+    except codec.MissingExtraError as exc:  # e.g. entropy='ans' without featcodec[entropy]
+        raise InvalidParameters(f"this server cannot do that: {exc}") from None
 
 
-def _decode(blob: bytes, max_elements: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _snr_db(arr: np.ndarray, y: np.ndarray) -> float:
+    """SNR of ``y`` against ``arr`` in float64, a chunk at a time (no full float64 copies);
+    NaN for an all-zero input, inf when exact."""
+    xf, yf = arr.reshape(-1), y.reshape(-1)
+    energy = err = 0.0
+    step = 1 << 20
+    for start in range(0, xf.size, step):
+        xs = xf[start: start + step].astype(np.float64)
+        d = yf[start: start + step] - xs
+        energy += float(np.dot(xs, xs))
+        err += float(np.dot(d, d))
+    if energy <= 0:
+        return float("nan")
+    return float("inf") if err == 0 else float(10 * np.log10(energy / err))
+
+
+def _measure(arr: np.ndarray, blob: bytes) -> str:
+    """Record the stream's bits per element and (if enabled) SNR; return its method."""
+    h = codec.container.parse(blob, verify=False)
+    snr = None
+    if snr_enabled() and arr.size:
+        try:
+            snr = _snr_db(arr, codec.decode(blob))
+        except (MemoryError, ValueError, ImportError):  # telemetry must not fail a request
+            snr = None
+    n = arr.size
+    observe_compression(h.mapping.name, h.entropy, 8 * len(blob) / n if n else None, snr)
+    return h.mapping.name
+
+
+def _decode(blob: bytes, max_elements: int, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode, refusing before any work a tensor larger than the body limit: a coded
+    stream of a constant tensor is a few bytes whatever its size, so only the header
+    bounds what decoding allocates."""
     try:
-        info = codec.inspect(blob, max_elements=max_elements)
+        h = container.parse(blob, max_elements)
+        out_bytes = h.size * h.dtype.itemsize
+        if out_bytes > max_bytes:
+            raise BodyTooLarge(f"the decoded tensor would be {out_bytes} bytes, over the "
+                               f"limit of {max_bytes} (FEATCODEC_MAX_BODY_BYTES)")
+        info = {"method": h.mapping.name, "original_bytes": out_bytes}
         return codec.decode(blob, max_elements=max_elements), info
     except MemoryError:
         raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
@@ -115,11 +161,28 @@ async def compress(
                                examples=[8, 4])] = 8,
     axis: Annotated[int | None, Query(description="channel axis for per-channel parameters; "
                                                   "omit for per-tensor", examples=[1])] = None,
+    entropy: Annotated[str | None, Query(description=_ENCODE_DOC["entropy"],
+                                         examples=["ans", "auto"])] = None,
+    predictor: Annotated[str | None, Query(description=_ENCODE_DOC["predictor"],
+                                           examples=["auto", "lorenzo"])] = None,
+    clip: Annotated[str | None, Query(description=_ENCODE_DOC["clip"],
+                                      examples=["mse", "percentile"])] = None,
+    percentile: Annotated[float | None, Query(description=_ENCODE_DOC["percentile"],
+                                              examples=[99.99])] = None,
+    target_bits: Annotated[float | None, Query(description=_ENCODE_DOC["target_bits"] + "; "
+                                               "method=auto also picks the method",
+                                               examples=[2.5])] = None,
+    max_abs_error: Annotated[float | None, Query(description=_ENCODE_DOC["max_abs_error"],
+                                                 examples=[0.01])] = None,
+    target_snr_db: Annotated[float | None, Query(description=_ENCODE_DOC["target_snr_db"],
+                                                 examples=[30])] = None,
 ) -> Response:
     """Quantize a tensor sent as `.npy` or MessagePack and return its bitstream.
 
     The method's options (listed by GET /v1/codecs) are further query parameters;
-    given parameters skip calibration, exactly as in `codec.encode`.
+    given parameters skip calibration, exactly as in `codec.encode`. `entropy`,
+    `predictor`, `clip`, `percentile` and the targets are `codec.encode`'s own options;
+    with a target (or method=auto) the codec picks method, bits and clipping.
     """
     kind = bodies.media_type(request.headers.get("content-type"))
     kind = bodies.MSGPACK if kind in bodies.MSGPACK_ALIASES else kind
@@ -127,12 +190,17 @@ async def compress(
         raise UnsupportedMediaType(f"send the tensor as {bodies.NPY} or {bodies.MSGPACK}, "
                                    f"not {kind or 'no Content-Type'}")
     params = options.from_query(request.query_params, _FIXED_QUERY)
+    encode_opts = {"entropy": entropy, "predictor": predictor, "clip": clip,
+                   "percentile": percentile, "target_bits": target_bits,
+                   "max_abs_error": max_abs_error, "target_snr_db": target_snr_db}
+    params.update({k: v for k, v in encode_opts.items() if v is not None})
     _set_method_label(request, method)
     settings = _settings(request)
     body = await bodies.read_body(request, settings.max_body_bytes)
     arr = await _offload(bodies.decode_tensor, kind, body, settings.max_elements)
     del body  # the array may be a view of it; drop our own reference early either way
     blob = await _offload(_encode, arr, method, bits, axis, params)
+    _set_method_label(request, await _offload(_measure, arr, blob))  # method=auto: the chosen
     return Response(blob, media_type=bodies.OCTET_STREAM,
                     headers={"X-Original-Bytes": str(arr.nbytes),
                              "X-Compressed-Bytes": str(len(blob))})
@@ -152,7 +220,8 @@ async def decompress(request: Request) -> Response:
     """Verify and decode a bitstream (original shape and dtype)."""
     out_type = bodies.negotiate(request.headers.get("accept"), _DECODED_TYPES)
     blob = await _read_bitstream(request)
-    arr, info = await _offload(_decode, blob, _settings(request).max_elements)
+    settings = _settings(request)
+    arr, info = await _offload(_decode, blob, settings.max_elements, settings.max_body_bytes)
     _set_method_label(request, info["method"])
     kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
     payload = await _offload(bodies.encode_tensor, kind, arr)
