@@ -33,6 +33,8 @@ import numpy as np
 
 import codec
 
+from .numbers import number_list
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # not imported from .metrics: see _serve
 API_KEY_ENV = "FEATCODEC_API_KEY"
 DEBUG_ENV = "FEATCODEC_DEBUG"
@@ -390,16 +392,9 @@ def _parse_param(text: str) -> tuple[str, Any]:
         if word not in _TRUE | _FALSE:
             raise UsageError(f"--param {name}: expected true or false, got {value!r}")
         return name, word in _TRUE
-    numbers: list[int | float] = []
-    for item in value.split(","):
-        item = item.strip()
-        try:
-            numbers.append(int(item))
-        except ValueError:
-            try:
-                numbers.append(float(item))
-            except ValueError:
-                return name, value  # text, e.g. lam_fit=equiprobable
+    numbers = number_list(value)
+    if numbers is None:
+        return name, value  # text, e.g. lam_fit=equiprobable
     return name, numbers[0] if len(numbers) == 1 else numbers
 
 

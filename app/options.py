@@ -13,6 +13,7 @@ from typing import Any
 
 import codec
 
+from .numbers import number_list
 from .problems import InvalidParameters
 
 BOOLEAN = frozenset({"signed", "restricted"})
@@ -33,20 +34,6 @@ def docs() -> dict[str, str]:
     return {name: "; ".join(lines) for name, lines in out.items()}
 
 
-def _number_list(text: str) -> list[int | float] | None:
-    values: list[int | float] = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            values.append(int(item))
-        except ValueError:
-            try:
-                values.append(float(item))
-            except ValueError:
-                return None
-    return values
-
-
 def parse(name: str, text: str) -> Any:
     """A query value as the keyword argument ``codec.encode`` expects."""
     if name in BOOLEAN:
@@ -54,7 +41,7 @@ def parse(name: str, text: str) -> Any:
         if word in _TRUE | _FALSE:
             return word in _TRUE
         raise InvalidParameters(f"{name}: expected true or false, got {text!r}")
-    values = _number_list(text)
+    values = number_list(text)
     if values is None:
         if name in NUMBERS:
             raise InvalidParameters(f"{name}: expected a number or a comma-separated list of "

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import codec
+from quality import sources as iid_sources  # the same iid sources as bench/quality.py
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [m["name"] for m in codec.methods()]
@@ -51,15 +52,6 @@ def smooth_field(shape: tuple[int, ...], sigma: float, seed: int) -> np.ndarray:
     y = np.fft.ifft2(np.fft.fft2(r) * g).real
     y /= y.std(axis=(-2, -1), keepdims=True)
     return y.astype(np.float32)
-
-
-def iid_sources(n: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "Gaussian": rng.standard_normal(n).astype(np.float32),
-        "Laplacian": rng.laplace(size=n).astype(np.float32),
-        "ReLU(Gaussian)": np.maximum(rng.standard_normal(n), 0).astype(np.float32),
-    }
 
 
 # ----------------------------------------------------------------------------- peers

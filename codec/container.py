@@ -16,6 +16,7 @@ import numpy as np
 
 from . import entropy, mappings, predict
 from .errors import FormatError
+from .varint import uleb128
 from .mappings.base import Mapping, Params
 
 MAGIC = b"FCQT"
@@ -75,18 +76,6 @@ class Header:
     @property
     def predictor(self) -> str:
         return predict.BY_ID[entropy.split_coding(self.coding)[1]]
-
-
-def uleb128(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def param_count(shape: tuple[int, ...], axis: int | None, per_channel: bool) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import predict
 from .errors import FormatError, MissingExtraError
+from .varint import uleb128
 
 EXTRA = "entropy"
 NONE, ANS, ZSTD = 0, 1, 2
@@ -89,17 +90,7 @@ def check_coding(coding: int, ndim: int) -> None:
 
 
 def _uleb(values: np.ndarray) -> bytes:
-    out = bytearray()
-    for v in values.tolist():  # at most 256 table entries
-        while True:
-            byte = v & 0x7F
-            v >>= 7
-            if v:
-                out.append(byte | 0x80)
-            else:
-                out.append(byte)
-                break
-    return bytes(out)
+    return b"".join(uleb128(v) for v in values.tolist())  # at most 256 table entries
 
 
 def _uleb_len(values: np.ndarray) -> int:
