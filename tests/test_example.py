@@ -89,3 +89,21 @@ def test_command_line(example: ModuleType, server: Server,
     out = capsys.readouterr().out
     assert "| symmetric | 8 | per-tensor | decompress |" in out
     assert Path(ROOT / "examples" / "README.md").is_file()
+
+
+def test_conv_on_the_codes_through_a_registered_layer(example: ModuleType,
+                                                      tmp_path: Path) -> None:
+    """The first tail layer runs on the server, on the codes themselves."""
+    from conftest import _serve
+
+    gen = _serve(FEATCODEC_OPEN_LAYER_WRITES="true", FEATCODEC_LAYERS_DIR=str(tmp_path))
+    srv = next(gen)
+    try:
+        result = example.run(srv.url, methods=["linear"], bits=[8], n_images=2, size=320,
+                             conv=True, repeat=1)
+    finally:
+        gen.close()
+    conv_rows = [r for r in result["rows"] if r.path != "decompress"]
+    assert conv_rows, [r.path for r in result["rows"]]
+    for r in conv_rows:
+        assert r.box_f1 >= 0.99 and r.map_iou >= 0.99, r
