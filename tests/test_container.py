@@ -12,7 +12,6 @@ from __future__ import annotations
 import struct
 import time
 import tracemalloc
-import zlib
 from math import prod
 
 import numpy as np
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 import codec
 from codec import FormatError
+from streams import decode_only_raises_format_errors, mutate, reseal, seal
 
 METHOD_IDS = {"linear": 1, "symmetric": 2, "mulaw": 3, "log": 4, "exp": 5}
 # Stream parameters in order: (name, struct format, per-channel)
@@ -45,15 +45,6 @@ def uleb(n: int) -> bytes:
         out.append(b | (0x80 if n else 0))
         if not n:
             return bytes(out)
-
-
-def seal(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def reseal(blob: bytes | bytearray) -> bytes:
-    """Recompute the trailing CRC32 so that only the change under test is wrong."""
-    return seal(bytes(blob[:-4]))
 
 
 def params_bytes(method: str, channels: int | None, **over: float) -> bytes:
@@ -417,52 +408,12 @@ def test_bytes_like_inputs_are_accepted() -> None:
 # ----------------------------------------------------------------------------- fuzz
 
 
-def _mutate(data: st.DataObject, blob: bytes) -> bytes:
-    buf = bytearray(blob)
-    for _ in range(data.draw(st.integers(1, 4), label="n_mutations")):
-        op = data.draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate",
-                                        "extend"]), label="op")
-        if op == "truncate":
-            del buf[data.draw(st.integers(0, len(buf))):]
-        elif op == "extend":
-            buf += data.draw(st.binary(min_size=1, max_size=16))
-        elif op == "insert":
-            i = data.draw(st.integers(0, len(buf)))
-            buf[i:i] = data.draw(st.binary(min_size=1, max_size=8))
-        elif buf:
-            i = data.draw(st.integers(0, len(buf) - 1))
-            if op == "flip":
-                buf[i] ^= 1 << data.draw(st.integers(0, 7))
-            elif op == "set":
-                buf[i] = data.draw(st.integers(0, 255))
-            else:
-                del buf[i:i + data.draw(st.integers(1, 8))]
-    if len(buf) >= 4 and data.draw(st.booleans(), label="reseal"):
-        buf = bytearray(reseal(buf))  # get past the CRC, into the parser and decoder
-    return bytes(buf)
-
-
-def _decode_only_raises_format_errors(blob: bytes) -> None:
-    try:
-        info = codec.inspect(blob)
-    except FormatError:
-        info = None
-    try:
-        y = codec.decode(blob)
-    except FormatError:
-        assert info is None, "inspect accepted what decode refused"
-        return
-    assert info is not None
-    assert list(y.shape) == info["shape"] and y.dtype.name == info["dtype"]
-
-
-# Resealed garbage may decode to inf (e.g. a huge scale): warnings, not errors.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_mutated_streams_only_raise_format_error(data) -> None:
     blob = data.draw(st.sampled_from(VALID), label="base")
-    _decode_only_raises_format_errors(_mutate(data, blob))
+    decode_only_raises_format_errors(mutate(data, blob))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -470,7 +421,7 @@ def test_fuzz_mutated_streams_only_raise_format_error(data) -> None:
 @given(blob=st.binary(max_size=120) | st.binary(max_size=60).map(lambda b: b"FCQT\x01" + b)
        | st.binary(max_size=60).map(lambda b: reseal(b"FCQT\x01" + b + b"\0\0\0\0")))
 def test_fuzz_random_bytes_only_raise_format_error(blob) -> None:
-    _decode_only_raises_format_errors(blob)
+    decode_only_raises_format_errors(blob)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -503,4 +454,4 @@ def test_fuzz_structured_headers_only_raise_format_error(method_id, flags, codin
     blob = build(shape=tuple(shape), method_id=method_id, flags=flags, coding=coding,
                  dtype_id=dtype_id, bits=bits, axis_byte=axis, params=params,
                  payload_len=max(n, 0), payload=payload)
-    _decode_only_raises_format_errors(blob)
+    decode_only_raises_format_errors(blob)
