@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import bitpack, calibrate, container, mappings
+from . import bitpack, calibrate, container, mappings, pipeline
 from . import entropy as lossless
 from .container import FLAG_RESTRICTED, FLAG_SIGNED
 from .errors import MissingExtraError
@@ -38,15 +39,19 @@ def _as_input(x: Any) -> tuple[np.ndarray, np.dtype]:
     return np.asarray(arr, dtype=np.float32, order="C"), np.dtype(dtype)
 
 
-def _check_nan(x: np.ndarray, allow_inf: bool) -> None:
+def _check_nan(x: np.ndarray, allow_inf: bool, abs_sum: bool = False
+               ) -> tuple[float, float] | None:
+    """Refuse NaN (and Inf unless allowed); return the (min, max) of x, None when empty."""
     if x.size == 0:
-        return
-    # One fused pass (NaN propagates through min/max); a per-tensor fit reuses the range.
-    lo, hi = blocks.checked_range(x)
+        return None
+    # One fused pass (NaN propagates through min/max); a per-tensor fit reuses the range
+    # (and the sum of |x| when asked).
+    lo, hi = blocks.checked_range(x, abs_sum)
     if np.isnan(lo) or np.isnan(hi):
         raise ValueError("input contains NaN")
     if not allow_inf and not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("input contains Inf; give explicit parameters to saturate it")
+    return float(lo), float(hi)
 
 
 def _as_bits(bits: Any) -> int:
@@ -72,9 +77,27 @@ def _as_axis(axis: Any, ndim: int) -> int | None:
     return a % ndim
 
 
-def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
-              opts: dict[str, Any], clip: Any = "minmax",
-              percentile: Any = 99.99) -> tuple[QTensor, bool]:
+@dataclass(frozen=True)
+class _Fitted:
+    """A validated input and everything needed to quantize it."""
+
+    mapping: mappings.Mapping
+    x32: np.ndarray
+    dtype: np.dtype
+    bits: int
+    axis: int | None
+    signed: bool
+    restricted: bool
+    params: dict[str, np.ndarray]
+    x_range: tuple[float, float] | None  # (min, max) of x32
+
+    def stream_flags(self) -> int:
+        return ((FLAG_SIGNED if self.signed else 0)
+                | (FLAG_RESTRICTED if self.restricted and self.signed else 0))
+
+
+def _fit(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
+         opts: dict[str, Any], clip: Any = "minmax", percentile: Any = 99.99) -> _Fitted:
     mapping = mappings.get(method)
     clip, percentile = calibrate.check_rule(clip, percentile)
     unknown = set(opts) - set(mapping.options) - {"signed"}
@@ -90,7 +113,7 @@ def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
     given = any(p.name in opts for p in mapping.params if p.name not in ("mu",))
     if given and clip != "minmax":
         raise ValueError(f"clip={clip!r} fits the range: it cannot go with given parameters")
-    _check_nan(x32, allow_inf=given)
+    x_range = _check_nan(x32, allow_inf=given, abs_sum=mapping.wants_abs_sum(axis, opts))
     # Validate bits for the requested sign first, then for the fitted one.
     for s in ({True, False} if signed is None else {bool(signed)}):
         lo, hi = mapping.bit_range(s)
@@ -105,14 +128,23 @@ def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
         raise ValueError(f"{method}: bits must be in [{lo}, {hi}] for "
                          f"{'signed' if is_signed else 'unsigned'} codes, got {bits}")
     mapping.check(params, bits, is_signed)
-    restricted = bool(opts.get("restricted", False))
-    codes = mapping.quantize(x32, bits, axis, is_signed, params, restricted=restricted)
+    return _Fitted(mapping, x32, dtype, bits, axis, bool(is_signed),
+                   bool(opts.get("restricted", False)), params, x_range)
+
+
+def _quantize(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
+              opts: dict[str, Any], clip: Any = "minmax",
+              percentile: Any = 99.99) -> tuple[QTensor, bool]:
+    f = _fit(x, method, bits, axis, signed, opts, clip, percentile)
+    mapping, params = f.mapping, f.params
+    codes = mapping.quantize(f.x32, f.bits, f.axis, f.signed, params, restricted=f.restricted,
+                             x_range=f.x_range)
     scale = params.get("scale") if mapping.linear else None
     zp = params.get("zero_point", np.zeros_like(scale, dtype=np.int16)) if mapping.linear else None
     extra = {k: v for k, v in params.items() if k not in ("scale", "zero_point")}
-    q = QTensor(codes=codes, method=mapping.name, bits=bits, axis=axis, scale=scale,
-                zero_point=zp, params=extra, dtype=dtype)
-    return q, restricted and is_signed
+    q = QTensor(codes=codes, method=mapping.name, bits=f.bits, axis=f.axis, scale=scale,
+                zero_point=zp, params=extra, dtype=f.dtype)
+    return q, f.restricted and f.signed
 
 
 def quantize(x: Any, method: str = "linear", bits: int = 8, axis: int | None = None,
@@ -192,6 +224,15 @@ def encode(x: Any, method: str = "linear", bits: int = 8, axis: int | None = Non
     coders = lossless.coder_candidates(entropy)
     if not coders and entropy in (None, "none") and predictor not in (None, "auto", "none"):
         _predictors(predictor, coders, 2)  # the error above, before any work
+    if not coders:  # raw codes: quantize, pack and checksum one segment at a time
+        f = _fit(x, method, bits, axis, signed, params, clip, percentile)
+        _predictors(predictor, coders, f.x32.ndim)
+        header = container.write_header(
+            f.mapping, f.stream_flags(), container.CODING_RAW, f.dtype, f.bits, f.x32.shape,
+            f.axis, {p.name: f.params[p.name] for p in f.mapping.params},
+            bitpack.packed_size(f.x32.size, f.bits))
+        return pipeline.encode_raw(f.mapping, f.x32, f.bits, f.axis, f.signed, f.params,
+                                   f.restricted, header, f.x_range)
     q, restricted = _quantize(x, method, bits, axis, signed, params, clip, percentile)
     return _encode_q(q, restricted, coders, _predictors(predictor, coders, q.codes.ndim))
 
@@ -265,6 +306,10 @@ def decode_qtensor(blob: bytes | bytearray | memoryview,
 def decode(blob: bytes | bytearray | memoryview,
            max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> np.ndarray:
     """Verify and decode a stream to an array of its original shape and dtype."""
+    h = container.parse(blob, max_elements)
+    if h.coding == container.CODING_RAW:  # unpack and dequantize one segment at a time
+        return pipeline.decode_raw(h.mapping, memoryview(blob).cast("B"), h.payload_offset,
+                                   h.bits, h.shape, h.axis, h.signed, h.params, h.dtype)
     q = decode_qtensor(blob, max_elements)
     out = dequantize(q)
     return out if q.dtype == np.float32 else out.astype(q.dtype)

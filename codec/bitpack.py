@@ -66,6 +66,18 @@ def _scratch(n: int) -> _Scratch:
     return _Scratch(buf(n), buf(n), buf(n // 2), buf(n))
 
 
+def workspace(n: int) -> _Scratch:
+    """Scratch for packing or unpacking up to ``n`` codes per call, for callers that pack
+    many pieces (``workspace=`` of :func:`pack`/:func:`unpack`): 3.5 bytes per code, at most
+    that of one internal chunk."""
+    return _scratch(max(_QUANTUM, min(n, _CHUNK)))
+
+
+def _workspace(n: int, given: _Scratch | None) -> _Scratch:
+    need = max(_QUANTUM, min(n, _CHUNK))
+    return given if given is not None and given.s.size >= need else _scratch(need)
+
+
 def _check_bits(bits: int) -> int:
     bits = operator.index(bits)
     if not 1 <= bits <= 8:
@@ -211,10 +223,11 @@ def _stored(src: np.ndarray, bits: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def pack(codes: np.ndarray, bits: int, *, signed: bool = False, copy: bool = True
-         ) -> np.ndarray:
+def pack(codes: np.ndarray, bits: int, *, signed: bool = False, copy: bool = True,
+         out: np.ndarray | None = None, workspace: _Scratch | None = None) -> np.ndarray:
     """Pack uint8 ``codes`` (any shape, flattened in C order) into a new 1-D
-    uint8 stream of ``packed_size(codes.size, bits)`` bytes.
+    uint8 stream of ``packed_size(codes.size, bits)`` bytes, or into ``out``
+    (a writeable, contiguous 1-D uint8 array of exactly that size).
 
     Every code must be ``< 2**bits``; larger values are not masked. With
     ``signed``, ``codes`` are int8 (or their uint8 bytes) in
@@ -224,18 +237,28 @@ def pack(codes: np.ndarray, bits: int, *, signed: bool = False, copy: bool = Tru
     """
     bits = _check_bits(bits)
     u = _codes_u8(codes, signed)
+    if out is not None:
+        _check_out(out, packed_size(u.size, bits))
     if bits == 8:
-        if signed:
-            return np.bitwise_xor(u, np.uint8(0x80)).reshape(-1)  # + 128 modulo 256
+        if signed:  # + 128 modulo 256
+            return np.bitwise_xor(u.reshape(-1), np.uint8(0x80), out=out)
+        if out is not None:
+            np.copyto(out, u.reshape(-1))
+            return out
         return np.array(u, order="C").reshape(-1) if copy else np.ascontiguousarray(u).reshape(-1)
     # A view for C-contiguous input; other layouts pay one full copy.
     flat = np.ascontiguousarray(u).reshape(-1)
     n = flat.size
     if bits == 1:
-        return np.packbits(_stored(flat, 1, np.empty_like(flat)) if signed else flat,
-                           bitorder="little")
-    out = np.empty(packed_size(n, bits), np.uint8)
-    ws = _scratch(max(_QUANTUM, min(n, _CHUNK)))
+        packed = np.packbits(_stored(flat, 1, np.empty_like(flat)) if signed else flat,
+                             bitorder="little")
+        if out is None:
+            return packed
+        np.copyto(out, packed)
+        return out
+    if out is None:
+        out = np.empty(packed_size(n, bits), np.uint8)
+    ws = _workspace(n, workspace)
     main = n - n % _QUANTUM
     aligned = flat.ctypes.data % 2 == 0
     for i in range(0, main, _CHUNK):
@@ -259,6 +282,14 @@ def pack(codes: np.ndarray, bits: int, *, signed: bool = False, copy: bool = Tru
     return out
 
 
+def _check_out(out: object, size: int) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1:
+        raise TypeError("out must be a 1-D uint8 numpy array")
+    if out.size != size or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable contiguous array of {size} bytes, "
+                         f"got {out.size}")
+
+
 def _as_bytes(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     if isinstance(buf, np.ndarray):
         if buf.dtype != np.uint8 or buf.ndim != 1:
@@ -276,6 +307,7 @@ def unpack(
     out: np.ndarray | None = None,
     *,
     signed: bool = False,
+    workspace: _Scratch | None = None,
 ) -> np.ndarray:
     """Decode ``n`` codes of ``bits`` bits from ``buf`` (bytes-like or a 1-D
     uint8 array), which must be exactly ``packed_size(n, bits)`` bytes long.
@@ -300,7 +332,7 @@ def unpack(
             raise ValueError(f"out has {out.size} elements, expected {n}")
         # Decode straight into out unless that needs a staging copy.
         if out.flags.c_contiguous and not np.may_share_memory(out, data):
-            _unpack_into(data, bits, out.reshape(-1).view(np.uint8), signed)
+            _unpack_into(data, bits, out.reshape(-1).view(np.uint8), signed, workspace)
         else:
             np.copyto(out, _unpack_new(data, bits, n, signed).view(want).reshape(out.shape))
         return out
@@ -316,7 +348,8 @@ def _unpack_new(data: np.ndarray, bits: int, n: int, signed: bool) -> np.ndarray
     return res
 
 
-def _unpack_into(data: np.ndarray, bits: int, dst: np.ndarray, signed: bool) -> None:
+def _unpack_into(data: np.ndarray, bits: int, dst: np.ndarray, signed: bool,
+                 workspace: _Scratch | None = None) -> None:
     """Codes into the contiguous uint8 ``dst``; signed: minus 2**(bits-1), wrapping."""
     n = dst.size
     half = np.uint8(1 << (bits - 1))
@@ -331,7 +364,7 @@ def _unpack_into(data: np.ndarray, bits: int, dst: np.ndarray, signed: bool) -> 
         if signed:
             np.subtract(dst, half, out=dst)
         return
-    ws = _scratch(max(_QUANTUM, min(n, _CHUNK)))
+    ws = _workspace(n, workspace)
     main = n - n % _QUANTUM
     for i in range(0, main, _CHUNK):
         m = min(_CHUNK, main - i)

@@ -165,11 +165,15 @@ def parse(blob: bytes | bytearray | memoryview, max_elements: int = DEFAULT_MAX_
         raise FormatError(f"axis {axis_b} out of range for ndim {ndim}")
     axis = None if axis_b == NO_AXIS else axis_b
     shape = tuple(r.varint("shape") for _ in range(ndim))
-    n = 1
+    n = nonzero = 1
     for d in shape:  # check as we multiply: a hostile shape must not build a huge int
         n *= d
+        nonzero *= max(d, 1)
         if n > max_elements or d > max_elements:
             raise FormatError(f"shape {shape} has more than {max_elements} elements")
+        if nonzero > max_elements:  # numpy cannot make even an empty array of that shape
+            raise FormatError(f"shape {shape}: its non-zero dimensions multiply to more "
+                              f"than {max_elements}")
     params: Params = {}
     for p in mapping.params:
         count = param_count(shape, axis, p.per_channel)

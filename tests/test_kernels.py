@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import codec
-from codec import bitpack
+from codec import bitpack, pipeline
 from codec.mappings import blocks, compander, get, uniform
+from codec.outbytes import OutBytes
 from codec.mappings.base import code_range
 
 METHODS = ("linear", "symmetric", "mulaw", "log", "exp")
@@ -100,10 +101,13 @@ def ref_pack(codes: np.ndarray, bits: int, signed: bool = False) -> bytes:
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
-    """Blocks of 64 elements (and code tables from 100 elements on)."""
+    """Blocks and stream segments of 64 elements (and code tables from 100 elements on)."""
     monkeypatch.setattr(blocks, "CHUNK", 64)
     monkeypatch.setattr(blocks, "_REDUCE_CHUNK", 64)
+    monkeypatch.setattr(blocks, "_TABLE_STEP", 64)
     monkeypatch.setattr(uniform, "CHUNK", 64)
+    monkeypatch.setattr(uniform, "HOT_CHUNK", 64)
+    monkeypatch.setattr(pipeline, "SEGMENT", 64)
     monkeypatch.setattr(compander, "CHUNK", 64)
     monkeypatch.setattr(compander, "LUT_MIN_SIZE", 100)
     monkeypatch.setattr(bitpack, "_CHUNK", 64)
@@ -164,6 +168,34 @@ def test_uniform_quantize_matches_reference(small_blocks, bits: int, signed: boo
                 ref_uniform_dequantize(codes, scale, zp, axis).view(np.uint32))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_known_range_skips_only_a_clamp_that_changes_nothing(small_blocks, bits: int,
+                                                             signed: bool) -> None:
+    """x_range lets the kernel drop the clamp when the extremes' quotients are in bounds;
+    the codes must be the reference's whether the clamp was needed or not."""
+    rng = np.random.default_rng(bits + 10 * signed)
+    lo, hi = code_range(bits, signed)
+    dtype = np.int8 if signed else np.uint8
+    for n in SIZES:
+        x = data(rng, (n,))
+        amax = float(np.max(np.abs(x))) or 1.0
+        for scale in (amax / (hi - lo) * 2.01, amax / (hi - lo) / 3, amax / 2 ** 0.5,
+                      2.0 ** np.round(np.log2(amax / hi))):
+            scale = np.float32(scale)
+            for zp in {lo, (lo + hi) // 2, hi, (lo + hi + 1) // 2}:
+                z = np.array(zp, np.int16)
+                want = ref_uniform_quantize(x, scale, z, lo, hi, None, dtype)
+                got = uniform.quantize(x, scale, z, lo, hi, None, np.dtype(dtype),
+                                       x_range=(float(x.min()), float(x.max())))
+                np.testing.assert_array_equal(got, want, err_msg=f"n={n} s={scale} z={zp}")
+    y = np.array([np.inf, -np.inf, 1.0, -2.5, 0.5], np.float32)  # given scale saturates
+    want = ref_uniform_quantize(y, np.float32(1), np.int16(0), lo, hi, None, dtype)
+    got = uniform.quantize(y, np.float32(1), np.int16(0), lo, hi, None, np.dtype(dtype),
+                           x_range=(-np.inf, np.inf))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_uniform_odd_and_even_zero_points_per_channel(small_blocks) -> None:
     rng = np.random.default_rng(7)
     x = data(rng, (6, 50))
@@ -206,6 +238,20 @@ def test_noted_range_is_used_once_and_only_for_its_array() -> None:
     blocks.checked_range(x)
     y[0] = -5
     assert blocks.min_max(y, None)[0] == -5  # another array never takes x's note
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 70_000, 200_001])
+def test_fused_abs_sum_gives_the_bits_of_mean_abs(n: int) -> None:
+    """The input check sums |x| in its own pass for exp's fit: λ must not move by a bit."""
+    rng = np.random.default_rng(n)
+    x = data(rng, (n,))
+    want = blocks.mean_abs(x, None)
+    blocks.checked_range(x, abs_sum=True)
+    got = blocks.mean_abs(x, None)
+    assert got.view(np.uint64) == want.view(np.uint64)
+    assert blocks.min_max(x, None) == (x.min(), x.max())  # the range is still noted...
+    x[0] = 1e6
+    assert blocks.mean_abs(x, None) > want  # ...and the sum is used once
 
 
 def test_encode_after_in_place_mutation_sees_new_range() -> None:
@@ -408,3 +454,75 @@ def test_many_channel_direct_decoding_equals_table_lookup(method: str, bits: int
     direct = m.dequantize(q.codes, bits, 0, q.signed, params)
     table = lookup(m.table(bits, q.signed, params), q.codes, bits, q.signed, 0)
     assert np.array_equal(direct, table)
+
+
+# --- raw streams, segment by segment ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [8, 64, 1000])
+def test_segments_tile_the_tensor_on_byte_boundaries(size: int) -> None:
+    for shape in [(1000,), (3, 5, 67), (2, 64, 3), (4, 33), (1, 16, 7, 7), (2, 3, 2000)]:
+        n = int(np.prod(shape))
+        for axis in axes(shape):
+            segs = list(pipeline.segments(shape, axis, axis is not None, size))
+            assert segs[0].start == 0 and segs[-1].stop == n
+            post = int(np.prod(shape[axis + 1:])) if axis is not None else n
+            for a, b in zip(segs, segs[1:]):
+                assert a.stop == b.start and a.stop % 8 == 0
+            for seg in segs:
+                assert int(np.prod(seg.shape)) == seg.stop - seg.start
+                if seg.rows is not None:  # each row is one channel's contiguous run
+                    first_row = seg.start // post
+                    assert seg.rows[0] == first_row % shape[axis]
+                    assert len(seg.rows) == seg.shape[0]
+
+
+def test_pack_into_out_with_a_workspace_matches_pack() -> None:
+    rng = np.random.default_rng(5)
+    ws = bitpack.workspace(300)
+    for bits in range(1, 9):
+        for signed in (False, True):
+            lo, hi = code_range(bits, signed)
+            codes = rng.integers(lo, hi + 1, 300).astype(np.int8 if signed else np.uint8)
+            out = np.full(bitpack.packed_size(300, bits), 0xAA, np.uint8)
+            bitpack.pack(codes, bits, signed=signed, out=out, workspace=ws)
+            assert out.tobytes() == ref_pack(codes, bits, signed)
+            back = np.empty(300, codes.dtype)
+            bitpack.unpack(out, bits, 300, out=back, signed=signed, workspace=ws)
+            np.testing.assert_array_equal(back, codes)
+    with pytest.raises(ValueError):
+        bitpack.pack(np.zeros(16, np.uint8), 3, out=np.empty(5, np.uint8))
+    with pytest.raises(TypeError):
+        bitpack.pack(np.zeros(16, np.uint8), 3, out=np.empty(6, np.int8))
+
+
+def test_out_bytes_in_place_and_fallback_agree() -> None:
+    for n in (0, 1, 2, 1000):
+        built = []
+        for in_place in (True, False):
+            ob = OutBytes(n, in_place=in_place)
+            ob.array[:] = np.arange(n) % 251
+            built.append(ob.finish())
+        assert built[0] == built[1] == (np.arange(n) % 251).astype(np.uint8).tobytes()
+        assert all(type(b) is bytes for b in built)
+    assert OutBytes(4).finish() is not OutBytes(4).finish()  # fresh objects, never shared
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_raw_decode_checks_every_segment_and_the_header(small_blocks, bits: int) -> None:
+    x = data(np.random.default_rng(bits), (1, 16, 7, 7))
+    for signed in (False, True):
+        blob = codec.encode(x, "linear", bits, 1, signed=signed)
+        assert codec.decode(blob).dtype == np.float32
+        for pos in (6, 20, len(blob) // 2, len(blob) - 6):  # flags, params, payload
+            bad = bytearray(blob)
+            bad[pos] ^= 0x10
+            with pytest.raises(codec.FormatError):
+                codec.decode(bytes(bad))
+    for dtype in (np.float16, np.float64):  # other output dtypes go through a scratch
+        y = x.astype(dtype)
+        blob = codec.encode(y, "mulaw", max(bits, 2), 1)
+        got = codec.decode(blob)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, codec.dequantize(codec.decode_qtensor(blob))
+                                      .astype(dtype))

@@ -45,6 +45,11 @@ class Mapping:
             opts: dict[str, Any]) -> tuple[bool, Params]:
         raise NotImplementedError
 
+    def wants_abs_sum(self, axis: int | None, opts: dict[str, Any]) -> bool:
+        """Whether :meth:`fit` will take the per-tensor mean |x| (``blocks.mean_abs``), so
+        the input check should sum |x| in the pass it makes anyway."""
+        return False
+
     def check(self, params: Params, bits: int, signed: bool) -> None:
         """Raise ValueError if stream parameters are unusable."""
         for p in self.params:
@@ -53,11 +58,17 @@ class Mapping:
                 raise ValueError(f"{self.name}: parameter {p.name!r} must be finite")
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False) -> np.ndarray:
+                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
+                 x_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Codes of C-contiguous float32 ``x`` (int8 if ``signed``, else uint8), written to
+        ``out`` (C-contiguous, ``x``'s shape) when given. ``x_range`` is the (min, max) of
+        ``x`` when the caller knows it; a mapping may use it to skip work, never to change
+        a code."""
         raise NotImplementedError
 
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params) -> np.ndarray:
+                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 values of C-contiguous ``codes``, written to ``out`` when given."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

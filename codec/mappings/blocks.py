@@ -18,6 +18,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from math import prod
+from typing import Any
 
 import numpy as np
 
@@ -61,17 +62,29 @@ def pick(param: np.ndarray, ch: np.ndarray | None) -> np.ndarray:
     return param.reshape(-1)[ch][:, None]
 
 
+def _abs_row_sums(block: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """float64 sums of |block| along its rows (2-D), through the scratch ``buf``: the one
+    summation behind :func:`mean_abs`, so the fused input check gives the same bits."""
+    a = buf[: block.size].reshape(block.shape)
+    np.abs(block, out=a)
+    return a.sum(axis=1, dtype=np.float64)
+
+
 def mean_abs(x: np.ndarray, axis: int | None) -> np.ndarray:
-    """mean(|x|) per tensor (0-d) or per channel (1-D), in float64, without a full temporary."""
+    """mean(|x|) per tensor (0-d) or per channel (1-D), in float64, without a full temporary.
+    A per-tensor sum noted by :func:`checked_range` for this very array is used once
+    instead of scanning again."""
+    if axis is None and x.size:
+        noted = _take_noted(x, "abs_sum")
+        if noted is not None:
+            return np.asarray(noted / x.size, np.float64)
     c = 1 if axis is None else x.shape[axis]
     sums = np.zeros(c)
     counts = np.zeros(c)
     xf = x.reshape(-1)
     buf = np.empty(min(x.size, CHUNK), x.dtype)
     for start, stop, rows, cols, ch in iter_blocks(x.shape, axis):
-        a = buf[: stop - start].reshape(rows, cols)
-        np.abs(xf[start:stop].reshape(rows, cols), out=a)
-        rs = a.sum(axis=1, dtype=np.float64)
+        rs = _abs_row_sums(xf[start:stop].reshape(rows, cols), buf)
         if ch is None:
             sums[0] += rs[0]
             counts[0] += cols
@@ -148,7 +161,7 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         z = np.zeros(() if axis is None else (x.shape[axis],))
         return z, z.copy()
     if axis is None:
-        noted = _take_noted(x)
+        noted = _take_noted(x, "range")
         if noted is not None:
             return noted
         lo, hi = _flat_min_max(np.ascontiguousarray(x).reshape(-1))
@@ -158,52 +171,79 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     return mn.astype(np.float64), mx.astype(np.float64)
 
 
-# A per-tensor range computed by the input check (codec.api) for the array about to be
-# fitted, so that fitting does not scan the tensor a second time. Thread-local, held
-# through a weak reference to that very array object (same data pointer, shape and
-# strides), and used at most once: a later call scans again.
+# Per-tensor statistics computed by the input check (codec.api) for the array about to
+# be fitted, so that fitting does not scan the tensor again: its range ("range") and,
+# for fits that need it, the float64 sum of |x| ("abs_sum"). Thread-local, held through
+# a weak reference to that very array object (same data pointer, shape and strides);
+# each statistic is used at most once, and a note for another array drops them all.
 _noted = threading.local()
 
 
-def note_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
-    """Remember the per-tensor (lo, hi) of ``x`` for the next :func:`min_max` of it."""
+def note_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+               abs_sum: float | None = None) -> None:
+    """Remember the per-tensor (lo, hi) of ``x`` (and the sum of |x|) for its fit."""
     try:
         ref = weakref.ref(x)
     except TypeError:
         return
-    _noted.entry = (ref, x.__array_interface__["data"][0], x.shape, x.strides,
-                    np.asarray(lo, np.float64), np.asarray(hi, np.float64))
+    stats: dict[str, object] = {"range": (np.asarray(lo, np.float64), np.asarray(hi, np.float64))}
+    if abs_sum is not None:
+        stats["abs_sum"] = abs_sum
+    _noted.entry = (ref, x.__array_interface__["data"][0], x.shape, x.strides, stats)
 
 
 def forget_range() -> None:
     _noted.entry = None
 
 
-def _take_noted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _take_noted(x: np.ndarray, key: str) -> Any:
     entry = getattr(_noted, "entry", None)
     if entry is None:
         return None
-    _noted.entry = None
-    ref, ptr, shape, strides, lo, hi = entry
-    if (ref() is x and x.__array_interface__["data"][0] == ptr and x.shape == shape
+    ref, ptr, shape, strides, stats = entry
+    if not (ref() is x and x.__array_interface__["data"][0] == ptr and x.shape == shape
             and x.strides == strides):
-        return lo, hi
-    return None
+        _noted.entry = None
+        return None
+    value = stats.pop(key, None)
+    if not stats:
+        _noted.entry = None
+    return value
 
 
 def tensor_min(x: np.ndarray) -> np.ndarray:
     """Per-tensor min of a non-empty array (±inf allowed): the noted range if any, else
     one reduction."""
-    noted = _take_noted(x)
+    noted = _take_noted(x, "range")
     return noted[0] if noted is not None else np.asarray(np.min(x), np.float64)
 
 
-def checked_range(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _flat_stats(xf: np.ndarray) -> tuple[np.floating, np.floating, float]:
+    """Min, max and the float64 sum of |x| of a non-empty 1-D array in one pass over
+    memory, the sum block by block exactly as :func:`mean_abs` forms it."""
+    buf = np.empty(min(xf.size, CHUNK), xf.dtype)
+    mins, maxs = [], []
+    total = 0.0
+    for start, stop, _, cols, _ in iter_blocks(xf.shape, None):
+        block = xf[start:stop]
+        mins.append(np.minimum.reduce(block))
+        maxs.append(np.maximum.reduce(block))
+        total += float(_abs_row_sums(block.reshape(1, cols), buf)[0])
+    return np.minimum.reduce(np.array(mins)), np.maximum.reduce(np.array(maxs)), total
+
+
+def checked_range(x: np.ndarray, abs_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-tensor (min, max) of a non-empty float array in one pass, noted for the fit
-    that follows (see :func:`min_max`). NaN propagates to both."""
-    lo, hi = _flat_min_max(np.ascontiguousarray(x).reshape(-1))
+    that follows (see :func:`min_max`), with the sum of |x| for :func:`mean_abs` when
+    ``abs_sum``. NaN propagates to both."""
+    xf = np.ascontiguousarray(x).reshape(-1)
+    total = None
+    if abs_sum:
+        lo, hi, total = _flat_stats(xf)
+    else:
+        lo, hi = _flat_min_max(xf)
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    note_range(x, lo, hi)
+    note_range(x, lo, hi, total)
     return lo, hi
 
 
@@ -214,6 +254,9 @@ def checked_range(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 LUT_MIN_SIZE = 1 << 18
 _MAX_THRESHOLDS = 3  # per bucket; more means no table (the direct path)
 _F32_BITS = np.dtype("<u4")
+# Elements per apply() call: the ~8 numpy calls per block cost more than the L3 traffic
+# of a 1 MiB intp index block.
+_TABLE_STEP = 1 << 17
 
 
 def _ordered(bits: np.ndarray) -> np.ndarray:
@@ -370,11 +413,13 @@ class CodeTable:
             np.add(o8, ge.view(np.uint8), out=o8)
         return out
 
-    def quantize(self, x: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+    def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None
+                 ) -> np.ndarray:
         """Codes of a whole C-contiguous float32 tensor, block by block."""
-        out = np.empty(x.shape, out_dtype)
+        if out is None:
+            out = np.empty(x.shape, out_dtype)
         xf, of = x.reshape(-1), out.reshape(-1)
-        step = CHUNK // 2  # intp scratch is 8 bytes per element
+        step = _TABLE_STEP
         scratch = _scratch(min(xf.size, step))
         for start in range(0, xf.size, step):
             stop = min(start + step, xf.size)

@@ -67,7 +67,8 @@ class Compander(Mapping):
             raise ValueError("max_abs must be > 0")
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False) -> np.ndarray:
+                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
+                 x_range: tuple[float, float] | None = None) -> np.ndarray:
         """Codes of C-contiguous float32 ``x``.
 
         Per-tensor parameters make the codes one monotone step function of the
@@ -80,8 +81,8 @@ class Compander(Mapping):
         if not per_channel and x.size >= LUT_MIN_SIZE and x.dtype == np.float32:
             table = self._table_for(bits, signed, params, out_dtype)
             if table is not None:
-                return table.quantize(x, out_dtype)
-        return self._quantize_direct(x, bits, axis, signed, params)
+                return table.quantize(x, out_dtype, out)
+        return self._quantize_direct(x, bits, axis, signed, params, out)
 
     def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype
                    ) -> CodeTable | None:
@@ -103,11 +104,12 @@ class Compander(Mapping):
         return table
 
     def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                         params: Params) -> np.ndarray:
+                         params: Params, out: np.ndarray | None = None) -> np.ndarray:
         """The codes computed element by element (block by block): the reference."""
         top = (1 << bits) - 1
         half = 1 << (bits - 1)
-        out = np.empty(x.shape, np.int8 if signed else np.uint8)
+        if out is None:
+            out = np.empty(x.shape, np.int8 if signed else np.uint8)
         xf, of = x.reshape(-1), out.reshape(-1)
         buf = np.empty(min(x.size, CHUNK), np.float32)
         per_channel = axis is not None and any(v.ndim for v in params.values())
@@ -151,18 +153,20 @@ class Compander(Mapping):
         return self.levels(np.arange(1 << bits, dtype=np.float64)[None, :], bits, signed, cols)
 
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params) -> np.ndarray:
+                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
         channels_ = max(np.size(v) for v in params.values())
         # A table costs channels·N values (and ~40 bytes each while it is built): a
         # stream with many channels and few elements each decodes element by element,
         # so decoding never allocates much more than its own output.
         if channels_ << bits <= max(codes.size // 8, _SMALL_TABLE):
-            return lookup(self.table(bits, signed, params), codes, bits, signed, axis)
-        return self._dequantize_direct(codes, bits, axis, signed, params)
+            return lookup(self.table(bits, signed, params), codes, bits, signed, axis, out)
+        return self._dequantize_direct(codes, bits, axis, signed, params, out)
 
     def _dequantize_direct(self, codes: np.ndarray, bits: int, axis: int | None,
-                           signed: bool, params: Params) -> np.ndarray:
-        out = np.empty(codes.shape, np.float32)
+                           signed: bool, params: Params, out: np.ndarray | None = None
+                           ) -> np.ndarray:
+        if out is None:
+            out = np.empty(codes.shape, np.float32)
         u, of = codes.reshape(-1).view(np.uint8), out.reshape(-1)
         half, mask = 1 << (bits - 1), (1 << bits) - 1
         cols64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
@@ -175,8 +179,8 @@ class Compander(Mapping):
         return out
 
 
-def lookup(lut: np.ndarray, codes: np.ndarray, bits: int, signed: bool, axis: int | None
-           ) -> np.ndarray:
+def lookup(lut: np.ndarray, codes: np.ndarray, bits: int, signed: bool, axis: int | None,
+           out: np.ndarray | None = None) -> np.ndarray:
     """``lut[channel, stored code]`` (float32) for every code, block by block.
 
     ``np.take`` converts its indices to intp first; a whole-tensor take would
@@ -184,7 +188,8 @@ def lookup(lut: np.ndarray, codes: np.ndarray, bits: int, signed: bool, axis: in
     intp one block at a time into scratch, and ``mode="clip"`` skips the bounds
     check (every index is in range by construction).
     """
-    out = np.empty(codes.shape, np.float32)
+    if out is None:
+        out = np.empty(codes.shape, np.float32)
     if codes.size == 0:
         return out
     u, of = codes.reshape(-1).view(np.uint8), out.reshape(-1)

@@ -52,6 +52,9 @@ class Exp(Compander):
         lam = np.minimum(_LAM_FIT[rule] * mean_abs(x, axis), _F32_MAX)  # 3·mean|x| can pass it
         return {"lam": np.where(lam > 0, lam, max_abs).astype(np.float32)}
 
+    def wants_abs_sum(self, axis: int | None, opts: dict[str, Any]) -> bool:
+        return axis is None and opts.get("lam") is None
+
     def check(self, params: Params, bits: int, signed: bool) -> None:
         super().check(params, bits, signed)
         if np.any(params["lam"] <= 0):

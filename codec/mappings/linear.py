@@ -79,11 +79,12 @@ class Linear(Mapping):
             raise ValueError(f"zero_point must lie in the code range [{lo}, {hi}]")
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False) -> np.ndarray:
+                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
+                 x_range: tuple[float, float] | None = None) -> np.ndarray:
         lo, hi = code_range(bits, signed)
         return uniform.quantize(x, params["scale"], params["zero_point"], lo, hi, axis,
-                                np.dtype(np.int8 if signed else np.uint8))
+                                np.dtype(np.int8 if signed else np.uint8), out, x_range)
 
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params) -> np.ndarray:
-        return uniform.dequantize(codes, params["scale"], params["zero_point"], axis)
+                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
+        return uniform.dequantize(codes, params["scale"], params["zero_point"], axis, out)

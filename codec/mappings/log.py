@@ -93,11 +93,12 @@ class Log(Compander):
             raise ValueError("beta must be > 1")
 
     def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                         params: Params) -> np.ndarray:
+                         params: Params, out: np.ndarray | None = None) -> np.ndarray:
         """Codes element by element (block by block): the reference; Compander.quantize
         takes a table of it for large per-tensor inputs."""
         m = _magnitudes(bits, signed)
-        out = np.empty(x.shape, np.int8 if signed else np.uint8)
+        if out is None:
+            out = np.empty(x.shape, np.int8 if signed else np.uint8)
         xf, of = x.reshape(-1), out.reshape(-1)
         a_buf = np.empty(min(x.size, CHUNK), np.float32)
         k_buf = np.empty_like(a_buf)

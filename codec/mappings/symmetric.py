@@ -56,11 +56,12 @@ class Symmetric(Mapping):
         return (lo + 1 if signed and restricted else lo), hi
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False) -> np.ndarray:
+                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
+                 x_range: tuple[float, float] | None = None) -> np.ndarray:
         lo, hi = self._range(bits, signed, restricted)
         return uniform.quantize(x, params["scale"], np.zeros((), np.int16), lo, hi, axis,
-                                np.dtype(np.int8 if signed else np.uint8))
+                                np.dtype(np.int8 if signed else np.uint8), out, x_range)
 
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params) -> np.ndarray:
-        return uniform.dequantize(codes, params["scale"], np.zeros((), np.int16), axis)
+                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
+        return uniform.dequantize(codes, params["scale"], np.zeros((), np.int16), axis, out)
