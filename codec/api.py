@@ -285,7 +285,11 @@ def encode_qtensor(q: QTensor, restricted: bool = False, *, entropy: str | None 
 def decode_qtensor(blob: bytes | bytearray | memoryview,
                    max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> QTensor:
     """Parse and verify a stream and unpack its codes, without dequantizing."""
-    h = container.parse(blob, max_elements)
+    return _qtensor(container.parse(blob, max_elements), blob)
+
+
+def _qtensor(h: container.Header, blob: bytes | bytearray | memoryview) -> QTensor:
+    """The codes of a parsed, verified stream."""
     payload = memoryview(blob).cast("B")[h.payload_offset: h.payload_offset + h.payload_size]
     if h.coding == container.CODING_RAW:  # signed: unpack subtracts N/2 block by block
         codes = bitpack.unpack(payload, h.bits, h.size, signed=h.signed).reshape(h.shape)
@@ -304,15 +308,39 @@ def decode_qtensor(blob: bytes | bytearray | memoryview,
 
 
 def decode(blob: bytes | bytearray | memoryview,
-           max_elements: int = container.DEFAULT_MAX_ELEMENTS) -> np.ndarray:
-    """Verify and decode a stream to an array of its original shape and dtype."""
+           max_elements: int = container.DEFAULT_MAX_ELEMENTS, *,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Verify and decode a stream to an array of its original shape and dtype.
+
+    ``out``, a writeable C-contiguous array of exactly that shape and dtype, receives the
+    values instead of a new array (a server decoding same-sized tensors in a loop saves
+    allocating and page-faulting a result each time); it is returned."""
     h = container.parse(blob, max_elements)
+    if out is not None:
+        _check_out(out, h, blob)
     if h.coding == container.CODING_RAW:  # unpack and dequantize one segment at a time
         return pipeline.decode_raw(h.mapping, memoryview(blob).cast("B"), h.payload_offset,
-                                   h.bits, h.shape, h.axis, h.signed, h.params, h.dtype)
-    q = decode_qtensor(blob, max_elements)
-    out = dequantize(q)
-    return out if q.dtype == np.float32 else out.astype(q.dtype)
+                                   h.bits, h.shape, h.axis, h.signed, h.params, h.dtype, out)
+    q = _qtensor(h, blob)
+    if out is not None and h.dtype == np.float32:
+        return h.mapping.dequantize(q.codes, q.bits, q.axis, q.signed, _stream_params(q), out)
+    values = dequantize(q)
+    if out is not None:
+        np.copyto(out, values, casting="unsafe")
+        return out
+    return values if q.dtype == np.float32 else values.astype(q.dtype)
+
+
+def _check_out(out: Any, h: container.Header, blob: bytes | bytearray | memoryview) -> None:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, not {type(out).__name__}")
+    if out.dtype != h.dtype or out.shape != h.shape:
+        raise ValueError(f"out must be {h.dtype.name} of shape {h.shape}, the stream's; got "
+                         f"{out.dtype.name} of shape {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be C-contiguous and writeable")
+    if np.may_share_memory(out, np.frombuffer(memoryview(blob).cast("B"), np.uint8)):
+        raise ValueError("out overlaps the stream being decoded")
 
 
 def inspect(blob: bytes | bytearray | memoryview,

@@ -526,3 +526,37 @@ def test_raw_decode_checks_every_segment_and_the_header(small_blocks, bits: int)
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, codec.dequantize(codec.decode_qtensor(blob))
                                       .astype(dtype))
+
+
+@pytest.mark.parametrize("method,bits,axis,entropy", [
+    ("linear", 8, None, None), ("symmetric", 3, 1, None), ("mulaw", 4, None, None),
+    ("exp", 5, 1, None), ("linear", 4, None, "zstd"), ("log", 3, 1, "ans")])
+def test_decode_into_out_equals_decode(method: str, bits: int, axis: int | None,
+                                       entropy: str | None) -> None:
+    x = data(np.random.default_rng(bits), (2, 6, 9, 11))
+    for dtype in (np.float32, np.float16, np.float64):
+        blob = codec.encode(x.astype(dtype), method, bits, axis, entropy=entropy)
+        want = codec.decode(blob)
+        out = np.full(x.shape, np.nan, dtype)
+        assert codec.decode(blob, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    blob = codec.encode(x, method, bits, axis, entropy=entropy)
+    for bad, err in ((np.empty(x.shape, np.float64), ValueError),
+                     (np.empty(x.shape[::-1], np.float32), ValueError),
+                     (np.empty(x.shape, np.float32, order="F"), ValueError),
+                     (x.tolist(), TypeError)):
+        with pytest.raises(err):
+            codec.decode(blob, out=bad)
+    ro = np.empty(x.shape, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        codec.decode(blob, out=ro)
+
+
+def test_decode_out_must_not_overlap_the_stream() -> None:
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    blob = codec.encode(x, "linear", 8)
+    buf = bytearray(blob) + bytearray(x.nbytes)
+    alias = np.frombuffer(buf, np.float32, 64, len(blob) - len(blob) % 4).reshape(8, 8)
+    with pytest.raises(ValueError, match="overlaps"):
+        codec.decode(memoryview(buf)[: len(blob)], out=alias)
