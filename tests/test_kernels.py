@@ -560,3 +560,26 @@ def test_decode_out_must_not_overlap_the_stream() -> None:
     alias = np.frombuffer(buf, np.float32, 64, len(blob) - len(blob) % 4).reshape(8, 8)
     with pytest.raises(ValueError, match="overlaps"):
         codec.decode(memoryview(buf)[: len(blob)], out=alias)
+
+
+def test_row_percentiles_are_numpys_nanpercentile_bit_for_bit() -> None:
+    """log's β fit takes its quantiles from a vectorized nanpercentile: same bits."""
+    import warnings
+
+    from codec.mappings.log import _QUANTILES, _nan_percentiles
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        c, s = int(rng.integers(1, 12)), int(rng.integers(1, 200))
+        rows = np.abs(rng.laplace(size=(c, s))) * 10.0 ** rng.uniform(-30, 30)
+        rows[rng.random((c, s)) < rng.uniform(0, 1)] = np.nan
+        if trial % 5 == 0:
+            rows[0] = np.nan  # a dead channel
+        if trial % 7 == 0:
+            rows[-1] = 1.5  # a constant one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = np.nanpercentile(rows, _QUANTILES, axis=1)
+        got = _nan_percentiles(rows, _QUANTILES)
+        np.testing.assert_array_equal(got.view(np.uint64)[~np.isnan(got)],
+                                      want.view(np.uint64)[~np.isnan(want)])
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
