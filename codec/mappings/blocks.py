@@ -59,6 +59,8 @@ def pick(param: np.ndarray, ch: np.ndarray | None) -> np.ndarray:
     """The parameter for a block: a scalar, or a (rows, 1) column."""
     if ch is None or param.ndim == 0:
         return param.reshape(())
+    if ch.size == 1:  # one row (long channels): a scalar keeps numpy's fast scalar loops
+        return param.reshape(-1)[ch[0]]
     return param.reshape(-1)[ch][:, None]
 
 
