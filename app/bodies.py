@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, NoReturn
 
 import msgpack
@@ -34,6 +36,12 @@ def media_type(header: str | None) -> str:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing it as soon as it is known to exceed ``limit`` bytes."""
+    return b"".join(await read_chunks(request, limit))
+
+
+async def read_chunks(request: Request, limit: int) -> list[bytes]:
+    """The body as received (refused as :func:`read_body` does), for parsing in the thread
+    pool rather than copying it whole on the event loop."""
     declared = request.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Content-Length {declared} exceeds the limit of {limit} bytes")
@@ -47,7 +55,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:  # nobody will read the answer; keep it out of the 500s
         raise MalformedBody("the client disconnected before the body was complete") from None
-    return b"".join(chunks)
+    return chunks
 
 
 def _quality(offer: str, ranges: list[tuple[str, float]]) -> float:
@@ -105,7 +113,38 @@ def _check_count(shape: Sequence[int], max_elements: int) -> int:
     return count
 
 
-def _npy_header(fp: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
+class _ChunkFile:
+    """A read-only file over a body's chunks: np.load copies the elements from them
+    straight into its array. Joining them first would cost a copy and, worse, fresh
+    pages the size of the body (page faults cost more than the copy itself)."""
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self._chunks = [memoryview(c) for c in chunks if c]
+        self._ends = list(accumulate(map(len, self._chunks)))
+        self.size = self._ends[-1] if self._ends else 0
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        stop = self.size if n < 0 else min(self.size, self._pos + n)
+        i = bisect_right(self._ends, self._pos)
+        parts = []
+        while self._pos < stop:
+            start = self._ends[i] - len(self._chunks[i])
+            parts.append(self._chunks[i][self._pos - start: stop - start])
+            self._pos += len(parts[-1])
+            i += 1
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._pos, self.size)[whence]
+        self._pos = min(max(base + offset, 0), self.size)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _npy_header(fp: _ChunkFile) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(fp)
     if version == (1, 0):
         shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
@@ -116,11 +155,13 @@ def _npy_header(fp: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def decode_npy(body: bytes, max_elements: int) -> np.ndarray:
-    """A .npy body as an array; the header is checked before anything is allocated."""
-    if not body.startswith(_NPY_MAGIC):
+def decode_npy(body: bytes | Sequence[bytes], max_elements: int) -> np.ndarray:
+    """A .npy body (or its chunks) as an array; the header is checked before anything is
+    allocated."""
+    fp = _ChunkFile([body] if isinstance(body, bytes) else body)
+    if fp.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
         raise MalformedBody("not a .npy file (bad magic)")
-    fp = io.BytesIO(body)
+    fp.seek(0)
     try:
         shape, dtype = _npy_header(fp)
     except MalformedBody:
@@ -133,11 +174,12 @@ def decode_npy(body: bytes, max_elements: int) -> np.ndarray:
         raise InvalidParameters(f"structured dtype {dtype} is not supported; "
                                 "use float16, float32 or float64")
     expected = _check_count(shape, max_elements) * dtype.itemsize
-    if len(body) - fp.tell() != expected:
-        raise MalformedBody(f".npy data is {len(body) - fp.tell()} bytes, header declares "
+    if fp.size - fp.tell() != expected:
+        raise MalformedBody(f".npy data is {fp.size - fp.tell()} bytes, header declares "
                             f"{expected}")
+    fp.seek(0)
     try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
+        arr = np.load(fp, allow_pickle=False)
     except Exception as exc:
         raise MalformedBody(f"invalid .npy file: {_short(exc)}") from None
     if not isinstance(arr, np.ndarray):  # e.g. an .npz archive would be a mapping
@@ -190,24 +232,41 @@ def decode_msgpack(body: bytes, max_elements: int, max_bytes: int) -> np.ndarray
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def decode_tensor(kind: str, body: bytes, max_elements: int) -> np.ndarray:
+def decode_tensor(kind: str, chunks: Sequence[bytes], max_elements: int) -> np.ndarray:
+    """A tensor body, as :func:`read_chunks` returns it."""
     if kind == NPY:
-        return decode_npy(body, max_elements)
+        return decode_npy(chunks, max_elements)
+    body = b"".join(chunks)
     return decode_msgpack(body, max_elements, len(body))
 
 
+# The serializers copy the elements once, straight into the response bytes (join takes
+# the array's buffer): a tobytes() copy and a concatenation or packb() would each cost a
+# pass over, and fresh pages for, a body of up to FEATCODEC_MAX_BODY_BYTES.
+
+
 def encode_npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, arr, allow_pickle=False)
-    return buf.getvalue()
+    """``np.save``'s bytes (format 1.0, C order)."""
+    arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    return b"".join((header.getvalue(), arr.reshape(-1).view(np.uint8)))
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def encode_msgpack(arr: np.ndarray) -> bytes:
     """The same map decode_msgpack reads; data is little-endian, C order."""
     le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    packed: bytes = msgpack.packb({"dtype": arr.dtype.name, "shape": list(arr.shape),
-                                   "data": le.tobytes()}, use_bin_type=True)
-    return packed
+    head = msgpack.packb({"dtype": arr.dtype.name, "shape": list(arr.shape), "data": b""},
+                         use_bin_type=True)[:-2]  # without the empty bin, b"\xc4\x00"
+    return b"".join((head, _bin_header(le.nbytes), le.reshape(-1).view(np.uint8)))
 
 
 def encode_tensor(kind: str, arr: np.ndarray) -> bytes:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import sys
+from collections.abc import Awaitable
 from functools import cache
 from typing import Any
 
@@ -88,8 +91,7 @@ class LimitsMiddleware:
             if complete:  # after the body: a wait for the disconnect, not for data
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(),
-                                                 max(deadline - loop.time(), _GRACE_S))
+                message = await _within(receive(), max(deadline - loop.time(), _GRACE_S))
             except asyncio.TimeoutError:
                 raise RequestTimeout(f"the request body did not arrive within {timeout:g} s "
                                      "(FEATCODEC_BODY_TIMEOUT_S)",
@@ -99,6 +101,15 @@ class LimitsMiddleware:
             return message
 
         return receive_before_deadline
+
+
+if sys.version_info >= (3, 11):
+    async def _within(awaitable: Awaitable[Message], seconds: float) -> Message:
+        # a timer; wait_for (before 3.12) would make a task for every chunk of a body
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
 
 
 def configure_threads(settings: Settings) -> None:
@@ -119,6 +130,15 @@ def document(schema: dict[str, Any]) -> None:
                 op["responses"].setdefault(str(status), response)
 
 
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY, as asyncio sets it itself only on sockets whose protocol number is
+    IPPROTO_TCP: with ``--workers`` > 1 uvicorn binds ``socket.socket(family)`` (protocol
+    0), and the tail of every response then waits for the client's delayed ACK (40 ms)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @cache
 def _header_timeout() -> float:
     return Settings().header_timeout_s  # read once per process from FEATCODEC_* variables
@@ -127,13 +147,14 @@ def _header_timeout() -> float:
 class HeaderTimeoutH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing connections whose request line and headers do not
     arrive within ``FEATCODEC_HEADER_TIMEOUT_S`` (from connect, or from the end of the
-    previous response on a kept-alive connection)."""
+    previous response on a kept-alive connection), and with Nagle's algorithm off."""
 
     _header_timer: asyncio.TimerHandle | None = None
     _linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        _no_delay(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:

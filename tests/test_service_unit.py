@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import socket
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -14,10 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import codec
-from app import bodies, options
+from codec import container
+from app import bodies, limits, options
 from app.cli import main
 from app.main import create_app
-from app.problems import InvalidParameters, NotAcceptable
+from app.metrics import SNR_SAMPLE
+from app.problems import InvalidParameters, NotAcceptable, ProblemError
+from app.routers import codec as codec_routes
 from app.settings import Settings
 
 with warnings.catch_warnings():  # Starlette's notice about its future test client
@@ -205,3 +210,148 @@ def test_decompress_refuses_an_output_over_the_body_limit() -> None:
     assert r.status_code == 413, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert "decoded tensor" in r.json()["detail"]
+
+
+def test_a_corrupt_stream_over_the_body_limit_is_still_a_400() -> None:
+    """The size is read from the header before the CRC is checked; a corrupt stream must
+    still be reported as corrupt, as it was when the CRC came first."""
+    blob = bytearray(codec.encode(np.ones((4096, 1024), np.float32), "linear", 8,
+                                  entropy="ans"))
+    blob[-1] ^= 0xFF
+    with TestClient(create_app(Settings(max_body_bytes=1 << 20))) as c:
+        r = c.post("/v1/decompress", content=bytes(blob),
+                   headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "urn:featcodec:problem:malformed-bitstream"
+    assert "CRC" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _split(body: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(min(c, len(body)) for c in cuts), len(body)]
+    return [body[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def test_bodies_sent_in_chunks(client: TestClient) -> None:
+    x = np.random.default_rng(3).standard_normal((2, 3, 40)).astype(np.float32)
+    for content, headers in ((npy(x), NPY), (bodies.encode_msgpack(x), MSGPACK)):
+        r = client.post("/v1/compress?bits=6", content=iter(_split(content, [1, 7, 70, 71, 400])),
+                        headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.content == codec.encode(x, bits=6)
+        d = client.post("/v1/decompress", content=iter(_split(r.content, [3, 3, 50])))
+        assert d.status_code == 200, d.text
+        assert d.headers["x-compressed-bytes"] == str(len(r.content))
+        np.testing.assert_array_equal(np.load(io.BytesIO(d.content)), codec.decode(r.content))
+
+
+_NPY_BODIES = [npy(np.arange(24, dtype="<f4").reshape(2, 3, 4)),
+               npy(np.asfortranarray(np.arange(20, dtype=">f8").reshape(4, 5))),
+               npy(np.full((), 1.5, np.float16)), npy(np.zeros((0, 5), np.float32)),
+               npy(np.arange(6, dtype=np.float32))[:-3], npy(np.arange(6, dtype=np.float32)) + b"x",
+               npy(np.arange(6, dtype=np.int32)), b"\x93NUMPY\x01\x00" + bytes(range(60)),
+               b"\x93NUMP", b""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.sampled_from(_NPY_BODIES), cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_npy_chunks_parse_as_the_joined_body(body: bytes, cuts: list[int]) -> None:
+    def outcome(b: bytes | list[bytes]) -> tuple[object, ...]:
+        try:
+            arr = bodies.decode_npy(b, 4096)
+        except ProblemError as exc:
+            return type(exc), exc.detail
+        return arr.dtype, arr.shape, arr.tobytes()
+
+    assert outcome(_split(body, cuts)) == outcome(body)
+
+
+@pytest.mark.parametrize("x", [
+    np.full((), 1.25, np.float32), np.zeros((0, 3), np.float16),
+    np.arange(12, dtype=">f4").reshape(3, 4), np.asfortranarray(np.ones((4, 5))),
+    np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2],
+    np.arange(100, dtype=np.float16), np.arange(10_000, dtype=np.float32),
+    np.arange(70_000, dtype=np.float32),  # bin8, bin16 and bin32 data lengths
+], ids=["0-d", "empty", "big-endian", "fortran", "strided", "bin8", "bin16", "bin32"])
+def test_serializers_write_what_numpy_and_msgpack_write(x: np.ndarray) -> None:
+    ref = io.BytesIO()
+    np.save(ref, np.asarray(x, order="C"), allow_pickle=False)
+    assert bodies.encode_npy(x) == ref.getvalue()
+    le = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+    assert bodies.encode_msgpack(x) == msgpack.packb(
+        {"dtype": x.dtype.name, "shape": list(x.shape), "data": le.tobytes()}, use_bin_type=True)
+
+
+def _snr(x: np.ndarray, blob: bytes) -> float:
+    xf = x.astype(np.float64)
+    err = float(np.sum((codec.decode(blob).astype(np.float64) - xf) ** 2))
+    return math.inf if err == 0 else 10 * math.log10(float(np.sum(xf ** 2)) / err)
+
+
+_ENCODINGS = [dict(method=m["name"], bits=b, axis=a)
+              for m in codec.methods() for b in (2, 5, 8) for a in (None, 1)] + [
+    dict(method="symmetric", bits=4, axis=1, signed=True, restricted=True),
+    dict(method="symmetric", bits=4, restricted=True),
+    dict(method="symmetric", bits=4, signed=True, restricted=True, scale=0.1),  # saturates
+    dict(method="linear", bits=3, clip="mse", entropy="ans"),
+    dict(method="mulaw", bits=4, axis=2, clip="percentile", percentile=99.0, entropy="zstd"),
+    dict(method="auto", target_bits=2.5), dict(method="linear", max_abs_error=0.05),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", ">f8"])
+@pytest.mark.parametrize("kwargs", _ENCODINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in
+                                                                      k.items()))
+def test_snr_metric_is_exact_up_to_the_sample_size(kwargs: dict[str, object],
+                                                   dtype: str) -> None:
+    """The header's parameters give back the stream's codes: on a tensor no larger than
+    the sample, the metric is the SNR of codec.decode itself."""
+    x = np.random.default_rng(4).laplace(size=(2, 6, 7, 5)).astype(dtype)
+    for data in (x, np.abs(x)):  # signed and unsigned codes
+        blob = codec.encode(data, **kwargs)
+        got = codec_routes._snr_db(data, container.parse(blob))
+        assert got == pytest.approx(_snr(data, blob), rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(method="mulaw", bits=4, axis=1),
+                                    dict(bits=8, axis=3), dict(method="exp", bits=3, axis=0),
+                                    dict(method="log", bits=4, entropy="ans")])
+def test_snr_metric_of_a_large_tensor_comes_from_a_sample(kwargs: dict[str, object]) -> None:
+    x = np.random.default_rng(5).laplace(size=(2, 64, 48, 40)).astype(np.float32)
+    blob = codec.encode(x, **kwargs)
+    h = container.parse(blob)
+    sample = codec_routes._sample(x, h.axis)
+    assert SNR_SAMPLE <= sample.size <= SNR_SAMPLE * 1.01
+    assert np.shares_memory(sample, x)  # a view: nothing the size of the tensor is made
+    if h.axis is not None:
+        assert sample.shape[1] == x.shape[h.axis]  # every channel, for its parameters
+    assert abs(codec_routes._snr_db(x, h) - _snr(x, blob)) < 0.5
+
+
+class _Transport:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+
+def test_connections_get_tcp_nodelay_whatever_the_listening_socket() -> None:
+    """uvicorn binds socket.socket(family) (protocol 0) for --workers > 1, and asyncio then
+    leaves Nagle on: every response's tail would wait for the client's delayed ACK."""
+    with socket.socket(socket.AF_INET) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()):
+            conn, _ = listener.accept()
+            with conn:
+                assert not conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                limits._no_delay(_Transport(conn))  # type: ignore[arg-type]
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    limits._no_delay(_Transport(None))  # type: ignore[arg-type]
+    a, b = socket.socketpair()
+    with a, b:
+        limits._no_delay(_Transport(a))  # type: ignore[arg-type]  # AF_UNIX: nothing to do
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import prod
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -14,7 +15,7 @@ import codec
 from codec import container
 
 from .. import bodies, options
-from ..metrics import JOBS, STATE_KEY, observe_compression, snr_enabled
+from ..metrics import JOBS, SNR_SAMPLE, STATE_KEY, observe_compression, snr_enabled
 from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, ServiceUnavailable,
                         UnsupportedMediaType, responses)
 from ..settings import Settings
@@ -64,7 +65,7 @@ def _settings(request: Request) -> Settings:
 
 
 def _set_method_label(request: Request, method: str) -> None:
-    if method in {m["name"] for m in codec.methods()}:  # bounded label values only
+    if method in options.method_names():  # bounded label values only
         setattr(request.state, STATE_KEY, method)
 
 
@@ -80,17 +81,37 @@ def _encode(arr: np.ndarray, method: str, bits: int, axis: int | None,
         raise InvalidParameters(f"this server cannot do that: {exc}") from None
 
 
-def _snr_db(arr: np.ndarray, y: np.ndarray) -> float:
-    """SNR of ``y`` against ``arr`` in float64, a chunk at a time (no full float64 copies);
-    NaN for an all-zero input, inf when exact."""
-    xf, yf = arr.reshape(-1), y.reshape(-1)
-    energy = err = 0.0
-    step = 1 << 20
-    for start in range(0, xf.size, step):
-        xs = xf[start: start + step].astype(np.float64)
-        d = yf[start: start + step] - xs
-        energy += float(np.dot(xs, xs))
-        err += float(np.dot(d, d))
+def _sample(arr: np.ndarray, axis: int | None) -> np.ndarray:
+    """A deterministic strided view of about ``SNR_SAMPLE`` elements of ``arr`` (all of a
+    smaller one), shaped (outer, channels, inner): every channel of ``axis`` stays in it,
+    so the stream's per-channel parameters still apply to axis 1."""
+    if axis is None:
+        outer, channels, inner = 1, 1, arr.size
+    else:
+        outer, channels, inner = (prod(arr.shape[:axis]), arr.shape[axis],
+                                  prod(arr.shape[axis + 1:]))
+    x3 = arr.reshape(outer, channels, inner)
+    step = -(-arr.size // SNR_SAMPLE)
+    if step <= inner:
+        return x3[:, :, ::step]
+    return x3[::-(-step // inner), :, :1]  # rows shorter than the step: one element each
+
+
+def _snr_db(arr: np.ndarray, h: container.Header) -> float:
+    """SNR of the stream against ``arr`` on ``_sample(arr)``. A mapping's quantize and
+    dequantize use only the stream's parameters, so with those from the header they give
+    exactly ``decode(blob)`` at the sampled elements, with no decoding (or entropy
+    decoding) of the rest. NaN for an all-zero sample, inf when exact."""
+    x = _sample(arr, h.axis)
+    axis = None if h.axis is None else 1
+    codes = h.mapping.quantize(np.ascontiguousarray(x, dtype=np.float32), h.bits, axis,
+                               h.signed, h.params,
+                               restricted=bool(h.flags & container.FLAG_RESTRICTED))
+    y = h.mapping.dequantize(codes, h.bits, axis, h.signed, h.params)
+    xs = x.astype(np.float64).ravel()
+    d = y.astype(h.dtype, copy=False).ravel() - xs  # as decode returns it
+    # einsum, not np.dot: no BLAS call, whose own threads would contend with the pool's
+    energy, err = float(np.einsum("i,i->", xs, xs)), float(np.einsum("i,i->", d, d))
     if energy <= 0:
         return float("nan")
     return float("inf") if err == 0 else float(10 * np.log10(energy / err))
@@ -98,34 +119,56 @@ def _snr_db(arr: np.ndarray, y: np.ndarray) -> float:
 
 def _measure(arr: np.ndarray, blob: bytes) -> str:
     """Record the stream's bits per element and (if enabled) SNR; return its method."""
-    h = codec.container.parse(blob, verify=False)
+    h = container.parse(blob, verify=False)  # our own fresh stream
     snr = None
     if snr_enabled() and arr.size:
         try:
-            snr = _snr_db(arr, codec.decode(blob))
-        except (MemoryError, ValueError, ImportError):  # telemetry must not fail a request
+            snr = _snr_db(arr, h)
+        except (MemoryError, TypeError, ValueError):  # telemetry must not fail a request
             snr = None
     n = arr.size
     observe_compression(h.mapping.name, h.entropy, 8 * len(blob) / n if n else None, snr)
     return h.mapping.name
 
 
-def _decode(blob: bytes, max_elements: int, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode, refusing before any work a tensor larger than the body limit: a coded
-    stream of a constant tensor is a few bytes whatever its size, so only the header
-    bounds what decoding allocates."""
-    try:
-        h = container.parse(blob, max_elements)
+def _compress(kind: str, body: list[list[bytes]], max_elements: int, method: str, bits: int,
+              axis: int | None, params: dict[str, Any]) -> tuple[bytes, int, str]:
+    """Parse, encode and measure as one thread-pool job: (stream, input bytes, method).
+    ``body`` holds the only other reference to the request body's chunks, popped so that
+    they can be freed once parsed (the array is a copy of them for .npy)."""
+    arr = bodies.decode_tensor(kind, body.pop(), max_elements)
+    blob = _encode(arr, method, bits, axis, params)
+    return blob, arr.nbytes, _measure(arr, blob)
+
+
+def _header(blob: bytes, max_elements: int, max_bytes: int) -> container.Header:
+    """The stream's header, refusing before any work a tensor larger than the body limit:
+    a coded stream of a constant tensor is a few bytes whatever its size, so only the
+    header bounds what decoding allocates."""
+    try:  # without the CRC, which decoding checks; errors come from the full parse below
+        h: container.Header | None = container.parse(blob, max_elements, verify=False)
+    except (TypeError, ValueError):
+        h = None
+    if h is None or h.size * h.dtype.itemsize > max_bytes:
+        h = container.parse(blob, max_elements)  # a corrupt stream is a 400, not a 413
         out_bytes = h.size * h.dtype.itemsize
         if out_bytes > max_bytes:
             raise BodyTooLarge(f"the decoded tensor would be {out_bytes} bytes, over the "
                                f"limit of {max_bytes} (FEATCODEC_MAX_BODY_BYTES)")
-        info = {"method": h.mapping.name, "original_bytes": out_bytes}
-        return codec.decode(blob, max_elements=max_elements), info
+    return h
+
+
+def _decompress(blob: bytes, max_elements: int, max_bytes: int,
+                kind: str) -> tuple[bytes, int, str]:
+    """Decode and serialize as one thread-pool job: (response body, tensor bytes, method)."""
+    try:
+        h = _header(blob, max_elements, max_bytes)
+        arr = codec.decode(blob, max_elements=max_elements)
     except MemoryError:
         raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
     except (TypeError, ValueError) as exc:  # FormatError, and anything else the stream causes
         raise MalformedBitstream(str(exc)) from None
+    return bodies.encode_tensor(kind, arr), arr.nbytes, h.mapping.name
 
 
 def _inspect(blob: bytes, max_elements: int) -> dict[str, Any]:
@@ -196,13 +239,12 @@ async def compress(
     params.update({k: v for k, v in encode_opts.items() if v is not None})
     _set_method_label(request, method)
     settings = _settings(request)
-    body = await bodies.read_body(request, settings.max_body_bytes)
-    arr = await _offload(bodies.decode_tensor, kind, body, settings.max_elements)
-    del body  # the array may be a view of it; drop our own reference early either way
-    blob = await _offload(_encode, arr, method, bits, axis, params)
-    _set_method_label(request, await _offload(_measure, arr, blob))  # method=auto: the chosen
+    body = [await bodies.read_chunks(request, settings.max_body_bytes)]
+    blob, nbytes, chosen = await _offload(_compress, kind, body, settings.max_elements,
+                                          method, bits, axis, params)
+    _set_method_label(request, chosen)  # method=auto: the chosen one
     return Response(blob, media_type=bodies.OCTET_STREAM,
-                    headers={"X-Original-Bytes": str(arr.nbytes),
+                    headers={"X-Original-Bytes": str(nbytes),
                              "X-Compressed-Bytes": str(len(blob))})
 
 
@@ -221,12 +263,12 @@ async def decompress(request: Request) -> Response:
     out_type = bodies.negotiate(request.headers.get("accept"), _DECODED_TYPES)
     blob = await _read_bitstream(request)
     settings = _settings(request)
-    arr, info = await _offload(_decode, blob, settings.max_elements, settings.max_body_bytes)
-    _set_method_label(request, info["method"])
     kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
-    payload = await _offload(bodies.encode_tensor, kind, arr)
+    payload, nbytes, method = await _offload(_decompress, blob, settings.max_elements,
+                                             settings.max_body_bytes, kind)
+    _set_method_label(request, method)
     return Response(payload, media_type=out_type,
-                    headers={"X-Original-Bytes": str(info["original_bytes"]),
+                    headers={"X-Original-Bytes": str(nbytes),
                              "X-Compressed-Bytes": str(len(blob)), "Vary": "Accept"})
 
 

@@ -28,7 +28,7 @@ from codec.errors import MissingExtraError
 from codec.qconv import ConvGeometry, conv_geometry, qconv2d
 from codec.qtensor import QTensor
 
-from .. import bodies
+from .. import bodies, options
 from ..metrics import CONV_SECONDS, JOBS, STATE_KEY
 from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, MalformedBody,
                         ServiceUnavailable, UnsupportedMediaType, responses)
@@ -355,11 +355,6 @@ def output_type(accept: str | None, requantized: bool) -> str:
 # --- the job -------------------------------------------------------------------------------
 
 
-@functools.cache
-def _method_names() -> frozenset[str]:
-    return frozenset(m["name"] for m in codec.methods())
-
-
 @dataclass
 class ConvOutput:
     payload: bytes
@@ -369,7 +364,7 @@ class ConvOutput:
     timings: list[tuple[str, float]] = field(default_factory=list)
 
     def response(self, request: Request, status_code: int = 200) -> Response:
-        if self.method in _method_names():  # bounded label values only
+        if self.method in options.method_names():  # bounded label values only
             setattr(request.state, STATE_KEY, self.method)
         parts = []
         for name, seconds in self.timings:
