@@ -39,8 +39,9 @@ class Settings(BaseSettings):
                                                 "this (featcodec serve only)")
     keep_alive_s: int = Field(default=5, ge=1,
                               description="idle keep-alive connections are closed after this")
-    max_concurrency: int = Field(default=4, ge=1,
-                                 description="worker threads for codec work, per process")
+    max_concurrency: int = Field(default=1, ge=1,
+                                 description="worker threads for codec work, per process "
+                                             "(scale with workers, not threads)")
     max_queue: int = Field(default=64, ge=0,
                            description="/v1 requests admitted beyond max_concurrency, per "
                                        "process, before answering 503")

@@ -83,13 +83,16 @@ def mib(kib: float) -> float:
 
 
 class Server:
-    def __init__(self, workers: int, cpus: set[int] | None = None) -> None:
+    def __init__(self, workers: int, cpus: set[int] | None = None,
+                 threads: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEATCODEC_")}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         env.update(FEATCODEC_HOST="127.0.0.1", FEATCODEC_PORT=str(self.port),
                    FEATCODEC_WORKERS=str(workers), FEATCODEC_LOG_LEVEL="warning")
+        if threads is not None:
+            env["FEATCODEC_MAX_CONCURRENCY"] = str(threads)
         own = os.sched_getaffinity(0)
         if cpus:  # the server and its workers inherit the affinity at fork
             os.sched_setaffinity(0, cpus)
@@ -138,8 +141,8 @@ class Server:
 
 
 def run_level(body: bytes, params: dict[str, str], workers: int, concurrency: int,
-              rounds: int, cpus: set[int] | None) -> dict[str, float]:
-    server = Server(workers, cpus)
+              rounds: int, cpus: set[int] | None, threads: int | None) -> dict[str, float]:
+    server = Server(workers, cpus, threads)
     try:
         headers = {"Content-Type": "application/x-npy"}
         with httpx.Client(base_url=server.url, timeout=120) as c:
@@ -216,6 +219,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rounds", type=int, default=20, help="requests per client thread")
+    ap.add_argument("--max-concurrency", type=int, default=None,
+                    help="FEATCODEC_MAX_CONCURRENCY of the server (default: the service's)")
     ap.add_argument("--server-cpus", type=int, default=0,
                     help="pin the server to this many CPUs and the load generator to the "
                          "others (0: no pinning, all share every CPU)")
@@ -236,7 +241,8 @@ def main() -> None:
     np.save(buf, x, allow_pickle=False)
     body = buf.getvalue()
     params = {"method": args.method, "bits": args.bits}
-    print(f"featcodec serve --workers {args.workers}; POST /v1/compress?method={args.method}"
+    threads = "default" if args.max_concurrency is None else args.max_concurrency
+    print(f"featcodec serve --workers {args.workers} (FEATCODEC_MAX_CONCURRENCY {threads}); POST /v1/compress?method={args.method}"
           f"&bits={args.bits}; body {'x'.join(map(str, shape))} float32 .npy = "
           f"{len(body) / 2**20:.2f} MiB; {args.rounds} requests per client; "
           f"{os.cpu_count()} CPUs, server on "
@@ -246,7 +252,7 @@ def main() -> None:
           "| (peak-idle)/concurrent MiB | req/s | p50 ms | p95 ms | CPU ms/req | busy cores | client busy cores |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
-        r = run_level(body, params, args.workers, c, args.rounds, cpus)
+        r = run_level(body, params, args.workers, c, args.rounds, cpus, args.max_concurrency)
         print(f"| {c} | {r['idle']:.0f} | {r['hwm']:.0f} | {r['sampled']:.0f} "
               f"| {r['per_req']:.1f} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} "
               f"| {r['cpu_ms']:.1f} | {r['cores']:.2f} | {r['client_cores']:.2f} |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import math
 import socket
 import warnings
@@ -355,3 +356,24 @@ def test_connections_get_tcp_nodelay_whatever_the_listening_socket() -> None:
     with a, b:
         limits._no_delay(_Transport(a))  # type: ignore[arg-type]  # AF_UNIX: nothing to do
 
+
+def test_service_processes_default_to_one_thread_each() -> None:
+    """Scale with worker processes: the codec pool and BLAS/OpenMP default to one thread."""
+    import json
+    import subprocess
+    import sys
+
+    assert Settings().max_concurrency == 1
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    probe = ("import json, app.main, threadpoolctl; print(json.dumps("
+             "[i['num_threads'] for i in threadpoolctl.threadpool_info()]))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    pools = json.loads(out)
+    assert pools and all(n == 1 for n in pools), pools
+    # ...while a deployment that asks for more gets it.
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OPENBLAS_NUM_THREADS": "2",
+                                                             "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert max(json.loads(out)) == 2
