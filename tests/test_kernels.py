@@ -108,6 +108,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     monkeypatch.setattr(uniform, "CHUNK", 64)
     monkeypatch.setattr(uniform, "HOT_CHUNK", 64)
     monkeypatch.setattr(pipeline, "SEGMENT", 64)
+    monkeypatch.setattr(pipeline._ByteTable, "_BLOCK", 5)
     monkeypatch.setattr(compander, "CHUNK", 64)
     monkeypatch.setattr(compander, "LUT_MIN_SIZE", 100)
     monkeypatch.setattr(bitpack, "_CHUNK", 64)
