@@ -102,15 +102,33 @@ def codec_sections(res: dict[str, Any]) -> list[str]:
            "*ratio* is that speed over the copy's, median of per-round ratios. "
            "Data: Laplacian with per-channel scales and ~5 % exact zeros.", "",
            "### Targets (64 MiB, per-tensor, fitted range)", "",
-           "| path | encode GB/s | encode ratio | target | | decode GB/s | decode ratio "
-           "| target | |", "|---|---|---|---|---|---|---|---|---|"]
-    for t in res["targets"]:
+           f"Each row was measured in {res['target_passes']} passes over all rows, a minute or "
+           "so apart (11 rounds each): the ratio is the median pass, *spread* the lowest and "
+           "highest pass. On this shared machine a whole pass can run 30 % slower or faster "
+           "than the next, copy included; within a pass the ratios hold much better.", "",
+           "| path | encode GB/s | encode ratio | spread | target | | decode GB/s | decode ratio "
+           "| spread | target | |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in res["targets"]:  # (the floors follow the table)
         e, d = t["enc"]["enc"], t["dec"]["dec"]
         worst = "" if "/" not in t["label"] else \
             f" (worst: {t['enc']['case'].bits} b encode, {t['dec']['case'].bits} b decode)"
-        out.append(f"| {t['label']}{worst} | {_f(e.gbs)} | {_f(e.ratio)} | ≥ {t['t_enc']} | "
-                   f"{_met(e.ratio, t['t_enc'])} | {_f(d.gbs)} | {_f(d.ratio)} | ≥ {t['t_dec']} "
-                   f"| {_met(d.ratio, t['t_dec'])} |")
+        es, ds = ("–".join(_f(v, 3) for v in t[k]) for k in ("enc_range", "dec_range"))
+        out.append(f"| {t['label']}{worst} | {_f(e.gbs)} | {_f(e.ratio, 3)} | {es} | "
+                   f"≥ {t['t_enc']} | {_met(e.ratio, t['t_enc'])} | {_f(d.gbs)} | "
+                   f"{_f(d.ratio, 3)} | {ds} | ≥ {t['t_dec']} | {_met(d.ratio, t['t_dec'])} |")
+    out += ["", "The same decodes into an existing result (`codec.decode(blob, out=array)`, "
+            "no new 64 MiB array per call): "
+            + "; ".join(f"{r['case'].method} {r['case'].bits} bits {_f(r['dec'].gbs)} GB/s, "
+                        f"ratio {_f(r['dec'].ratio)}" for r in res["decode_into"]) + "."]
+    out += ["", "### Floors: what every call pays, in the same run", "",
+            "Each step below is part of every encode or decode of the 64 MiB tensor, whatever "
+            "the kernels do; speed over the copy's, as above (1/ratio = cost in copies). "
+            "Decoding 8-bit codes pays a new 64 MiB result plus the CRC of 16 MiB before any "
+            "arithmetic: the sum of those two costs bounds its ratio from above.", "",
+            "| step | GB/s of the tensor | ratio | cost in copies |", "|---|---|---|---|"]
+    for f in res["floors"]:
+        t = f["timing"]
+        out.append(f"| {f['label']} | {_f(t.gbs)} | {_f(t.ratio)} | {_f(1 / t.ratio)} |")
     for name, rows in res["tables"].items():
         out += ["", f"### All methods, {name}", "",
                 "| method | bits | params | bits/elem | encode GB/s | ratio | decode GB/s "
