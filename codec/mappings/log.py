@@ -71,29 +71,9 @@ class Log(Compander):
         if m < 2 or x.size == 0 or not np.all(np.isfinite(r) & (r > 0)):  # bad r: check() refuses
             return {"beta": np.full(max_abs.shape, 2.0, np.float32)}
         sample = _sample(x, axis, c)  # (C, S) of |x|, NaN where zero or padding
-        best_err = np.full(c, np.inf)
-        best = np.full(c, 2.0)
-        qs = _nan_percentiles(sample, _QUANTILES)  # (Q, C)
-        values = np.nan_to_num(sample)
-        values32 = values.astype(np.float32)
-        with np.errstate(divide="ignore"):
-            log_values = np.log(values32)  # once, not per trial
-        k = np.empty(sample.shape, np.float32)
-        rows = np.arange(c)[:, None]
-        steps = np.arange(m + 1, dtype=np.float64)
-        for q in qs:
-            low = np.where(np.isfinite(q) & (q > 0) & (q < r[:, 0]), q, r[:, 0] / 2**12)
-            beta = np.maximum((r[:, 0] / low) ** (1.0 / (m - 1)), 1.0 + 2.0**-16)
-            lr, lb = np.log(r), np.log(beta)[:, None]
-            k_idx = _index(values32, lr, lb, m, k, log_values).astype(np.intp)
-            # The m+1 decoded levels of each channel, then one per element: the same
-            # float64 expression as per element, evaluated (exp: ~10 ns) m+1 times a channel.
-            levels = np.where(steps > 0, np.exp(lr + (steps - m) * lb), 0.0)  # (C, m+1)
-            rec = levels[rows, k_idx]
-            err = np.sum((values - rec) ** 2, axis=1)  # no NaN: values and rec are finite
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = np.where(better, beta, best)
+        step = max(1, _FIT_BLOCK // sample.shape[1])  # channels are fitted independently
+        best = np.concatenate([_fit_rows(sample[i:i + step], r[i:i + step], m)
+                               for i in range(0, c, step)])
         beta32 = best.astype(np.float32)
         return {"beta": beta32.reshape(()) if axis is None else beta32}
 
@@ -138,6 +118,42 @@ class Log(Compander):
             vals = np.where(mag > 0, r * b ** (mag - m), 0.0)
         vals = np.where(mag == m, r, vals)  # r exactly
         return (np.sign(q) * vals).astype(np.float32)
+
+
+_FIT_BLOCK = 1 << 16  # sample values per block of channels: bounds the fit's scratch
+
+
+def _fit_rows(sample: np.ndarray, r: np.ndarray, m: int) -> np.ndarray:
+    """β of each row of ``sample`` (|x| of one channel, NaN where zero), range ``r``
+    (rows, 1): of the trials that put the smallest level at a low quantile, the one with
+    the least squared error."""
+    c = sample.shape[0]
+    best_err = np.full(c, np.inf)
+    best = np.full(c, 2.0)
+    qs = _nan_percentiles(sample, _QUANTILES)  # (Q, C)
+    values = np.nan_to_num(sample)
+    values32 = values.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        log_values = np.log(values32)  # once, not per trial
+    k = np.empty(sample.shape, np.float32)
+    rows = np.arange(c)[:, None]
+    steps = np.arange(m + 1, dtype=np.float64)
+    for q in qs:
+        low = np.where(np.isfinite(q) & (q > 0) & (q < r[:, 0]), q, r[:, 0] / 2**12)
+        beta = np.maximum((r[:, 0] / low) ** (1.0 / (m - 1)), 1.0 + 2.0**-16)
+        lr, lb = np.log(r), np.log(beta)[:, None]
+        k_idx = _index(values32, lr, lb, m, k, log_values).astype(np.intp)
+        # The m+1 decoded levels of each channel, then one per element: the same float64
+        # expression as per element, evaluated (exp: ~10 ns) m+1 times a channel.
+        levels = np.where(steps > 0, np.exp(lr + (steps - m) * lb), 0.0)  # (C, m+1)
+        rec = levels[rows, k_idx]
+        np.subtract(values, rec, out=rec)
+        np.square(rec, out=rec)
+        err = np.sum(rec, axis=1)  # no NaN: values and rec are finite
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, beta, best)
+    return best
 
 
 def _nan_percentiles(rows: np.ndarray, percents: tuple[float, ...]) -> np.ndarray:
