@@ -92,8 +92,11 @@ class _Fitted:
     x_range: tuple[float, float] | None  # (min, max) of x32
 
     def stream_flags(self) -> int:
-        return ((FLAG_SIGNED if self.signed else 0)
-                | (FLAG_RESTRICTED if self.restricted and self.signed else 0))
+        return _flags(self.signed, self.restricted and self.signed)
+
+
+def _flags(signed: bool, restricted: bool) -> int:
+    return (FLAG_SIGNED if signed else 0) | (FLAG_RESTRICTED if restricted else 0)
 
 
 def _fit(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
@@ -253,7 +256,7 @@ def _encode_q(q: QTensor, restricted: bool, coders: list[int],
               predictors: list[int]) -> bytes:
     """The stream of ``q`` with the smallest of the given lossless stages (or raw)."""
     mapping = mappings.get(q.method)
-    flags = (FLAG_SIGNED if q.signed else 0) | (FLAG_RESTRICTED if restricted else 0)
+    flags = _flags(q.signed, restricted)
     coded = lossless.encode(_stored(q.codes, q.bits), q.bits, coders, predictors) \
         if coders else None
     if coded is None:
@@ -274,7 +277,7 @@ def encode_qtensor(q: QTensor, restricted: bool = False, *, entropy: str | None 
     if entropy is None or entropy == "none":
         mapping = mappings.get(q.method)
         payload = bitpack.pack(q.codes, q.bits, signed=q.signed, copy=False)
-        flags = (FLAG_SIGNED if q.signed else 0) | (FLAG_RESTRICTED if restricted else 0)
+        flags = _flags(q.signed, restricted)
         header = container.write_header(mapping, flags, container.CODING_RAW, q.dtype, q.bits,
                                         q.shape, q.axis, _stream_params(q), payload.size)
         return container.seal(header, payload)

@@ -70,7 +70,7 @@ def workspace(n: int) -> _Scratch:
     """Scratch for packing or unpacking up to ``n`` codes per call, for callers that pack
     many pieces (``workspace=`` of :func:`pack`/:func:`unpack`): 3.5 bytes per code, at most
     that of one internal chunk."""
-    return _scratch(max(_QUANTUM, min(n, _CHUNK)))
+    return _workspace(n, None)
 
 
 def _workspace(n: int, given: _Scratch | None) -> _Scratch:

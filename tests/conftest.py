@@ -67,7 +67,7 @@ class Server:
         os.unlink(self._log.name)
 
 
-def _serve(workers: int = 1, **env: str) -> Iterator[Server]:
+def serve(workers: int = 1, **env: str) -> Iterator[Server]:
     server = Server(workers, **env)
     try:
         server.wait_ready()
@@ -78,18 +78,18 @@ def _serve(workers: int = 1, **env: str) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    yield from _serve()
+    yield from serve()
 
 
 @pytest.fixture(scope="session")
 def small_server() -> Iterator[Server]:
     """Tight limits, to provoke 413 without large bodies."""
-    yield from _serve(FEATCODEC_MAX_BODY_BYTES="4096", FEATCODEC_MAX_ELEMENTS="1000")
+    yield from serve(FEATCODEC_MAX_BODY_BYTES="4096", FEATCODEC_MAX_ELEMENTS="1000")
 
 
 @pytest.fixture(scope="session")
 def multi_server() -> Iterator[Server]:
-    yield from _serve(workers=2)
+    yield from serve(workers=2)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -106,4 +106,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 @pytest.fixture(scope="session")
 def api_key_server() -> Iterator[Server]:
     """API keys configured: /v1 calls need 'Authorization: Bearer first-key' (or second-key)."""
-    yield from _serve(FEATCODEC_API_KEYS="first-key,second-key")
+    yield from serve(FEATCODEC_API_KEYS="first-key,second-key")

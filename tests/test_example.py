@@ -94,9 +94,9 @@ def test_command_line(example: ModuleType, server: Server,
 def test_conv_on_the_codes_through_a_registered_layer(example: ModuleType,
                                                       tmp_path: Path) -> None:
     """The first tail layer runs on the server, on the codes themselves."""
-    from conftest import _serve
+    from conftest import serve
 
-    gen = _serve(FEATCODEC_OPEN_LAYER_WRITES="true", FEATCODEC_LAYERS_DIR=str(tmp_path))
+    gen = serve(FEATCODEC_OPEN_LAYER_WRITES="true", FEATCODEC_LAYERS_DIR=str(tmp_path))
     srv = next(gen)
     try:
         result = example.run(srv.url, methods=["linear"], bits=[8], n_images=2, size=320,

@@ -20,6 +20,7 @@ import codec
 from codec import bitpack, pipeline
 from codec.mappings import blocks, compander, get, uniform
 from codec.outbytes import OutBytes
+from test_roundtrip import bcast
 from codec.mappings.base import code_range
 
 METHODS = ("linear", "symmetric", "mulaw", "log", "exp")
@@ -30,34 +31,25 @@ F32 = np.finfo(np.float32)
 # --- plain references ---------------------------------------------------------
 
 
-def _col(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    p = np.asarray(p)
-    if axis is None or p.ndim == 0:
-        return p.reshape(())
-    shape = [1] * ndim
-    shape[axis] = p.size
-    return p.reshape(shape)
-
-
 def ref_uniform_quantize(x, scale, zp, lo, hi, axis, dtype):
     """ONNX QuantizeLinear in one expression: divide, round half to even, add z, clamp."""
-    s = _col(np.asarray(scale, np.float32), x.ndim, axis)
-    z = _col(np.asarray(zp).astype(np.float32), x.ndim, axis)
+    s = bcast(np.asarray(scale, np.float32), x.ndim, axis)
+    z = bcast(np.asarray(zp).astype(np.float32), x.ndim, axis)
     with np.errstate(over="ignore", invalid="ignore"):
         t = np.rint((x / s).astype(np.float32)) + z
     return np.clip(t, lo, hi).astype(dtype)
 
 
 def ref_uniform_dequantize(codes, scale, zp, axis):
-    s = _col(np.asarray(scale, np.float32), codes.ndim, axis)
-    z = _col(np.asarray(zp).astype(np.int16), codes.ndim, axis)
+    s = bcast(np.asarray(scale, np.float32), codes.ndim, axis)
+    z = bcast(np.asarray(zp).astype(np.int16), codes.ndim, axis)
     return np.multiply(codes.astype(np.int16) - z, s, dtype=np.float32)
 
 
 def ref_compander_quantize(mapping, x, bits, axis, signed, params):
     """The companding quantizer of docs/CODECS.md on the whole array at once."""
     top = (1 << bits) - 1
-    p = {k: _col(v, x.ndim, axis) for k, v in params.items()}
+    p = {k: bcast(v, x.ndim, axis) for k, v in params.items()}
     with np.errstate(all="ignore"):
         if mapping.name == "log":
             from codec.mappings.log import _index, _magnitudes

@@ -35,7 +35,7 @@ from app import auth, bodies, limits
 from app.main import create_app
 from app.problems import BodyTooLarge, InvalidParameters, MalformedBody
 from app.settings import Settings
-from conftest import ROOT, Server
+from conftest import ROOT, Server, serve
 
 with warnings.catch_warnings():  # Starlette's notice about its future test client
     warnings.simplefilter("ignore")
@@ -533,15 +533,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-def serve(**env: str) -> Iterator[Server]:
-    server = Server(1, **env)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from math import prod
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 import codec
 from codec import container
 
 from .. import bodies, options
-from ..metrics import JOBS, SNR_SAMPLE, STATE_KEY, observe_compression, snr_enabled
+from ..metrics import SNR_SAMPLE, STATE_KEY, observe_compression, snr_enabled
 from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, ServiceUnavailable,
                         UnsupportedMediaType, responses)
-from ..settings import Settings
+from . import offload, settings_of
 
 router = APIRouter(prefix="/v1", tags=["codec"])
-T = TypeVar("T")
 
 _BINARY = {"type": "string", "format": "binary"}
 _MSGPACK_SCHEMA = {
@@ -51,17 +48,6 @@ _ENCODE_QUERY = ("entropy", "predictor", "clip", "percentile", "target_bits", "m
                  "target_snr_db")
 _FIXED_QUERY = frozenset({"method", "bits", "axis", *_ENCODE_QUERY})
 _ENCODE_DOC = codec.api.ENCODE_OPTIONS
-
-
-async def _offload(func: Callable[..., T], *args: Any) -> T:
-    """Run CPU-bound work in the thread pool so the event loop keeps answering."""
-    with JOBS.track_inprogress():
-        return await run_in_threadpool(func, *args)
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
 
 
 def _set_method_label(request: Request, method: str) -> None:
@@ -182,7 +168,7 @@ async def _read_bitstream(request: Request) -> bytes:
     kind = bodies.media_type(request.headers.get("content-type"))
     if kind not in ("", bodies.OCTET_STREAM):
         raise UnsupportedMediaType(f"send the bitstream as {bodies.OCTET_STREAM}, not {kind}")
-    return await bodies.read_body(request, _settings(request).max_body_bytes)
+    return await bodies.read_body(request, settings_of(request).max_body_bytes)
 
 
 @router.post(
@@ -238,9 +224,9 @@ async def compress(
                    "max_abs_error": max_abs_error, "target_snr_db": target_snr_db}
     params.update({k: v for k, v in encode_opts.items() if v is not None})
     _set_method_label(request, method)
-    settings = _settings(request)
+    settings = settings_of(request)
     body = [await bodies.read_chunks(request, settings.max_body_bytes)]
-    blob, nbytes, chosen = await _offload(_compress, kind, body, settings.max_elements,
+    blob, nbytes, chosen = await offload(_compress, kind, body, settings.max_elements,
                                           method, bits, axis, params)
     _set_method_label(request, chosen)  # method=auto: the chosen one
     return Response(blob, media_type=bodies.OCTET_STREAM,
@@ -262,9 +248,9 @@ async def decompress(request: Request) -> Response:
     """Verify and decode a bitstream (original shape and dtype)."""
     out_type = bodies.negotiate(request.headers.get("accept"), _DECODED_TYPES)
     blob = await _read_bitstream(request)
-    settings = _settings(request)
+    settings = settings_of(request)
     kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
-    payload, nbytes, method = await _offload(_decompress, blob, settings.max_elements,
+    payload, nbytes, method = await offload(_decompress, blob, settings.max_elements,
                                              settings.max_body_bytes, kind)
     _set_method_label(request, method)
     return Response(payload, media_type=out_type,
@@ -305,7 +291,7 @@ class InspectResult(BaseModel):
 async def inspect(request: Request) -> dict[str, Any]:
     """Parse and verify a bitstream's header and checksum without decoding it."""
     blob = await _read_bitstream(request)
-    info = await _offload(_inspect, blob, _settings(request).max_elements)
+    info = await offload(_inspect, blob, settings_of(request).max_elements)
     _set_method_label(request, info["method"])
     return info
 

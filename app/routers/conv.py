@@ -14,14 +14,12 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 import codec
 from codec.errors import MissingExtraError
@@ -29,14 +27,14 @@ from codec.qconv import ConvGeometry, conv_geometry, qconv2d
 from codec.qtensor import QTensor
 
 from .. import bodies, options
-from ..metrics import CONV_SECONDS, JOBS, STATE_KEY
+from ..metrics import CONV_SECONDS, STATE_KEY
 from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, MalformedBody,
                         ServiceUnavailable, UnsupportedMediaType, responses)
 from ..settings import Settings
+from . import offload, settings_of
 
 log = logging.getLogger("featcodec.service")
 router = APIRouter(prefix="/v1", tags=["conv"])
-T = TypeVar("T")
 
 FLOAT_TYPES = (bodies.NPY, bodies.MSGPACK, "application/x-msgpack")
 QUANTIZED_TYPES = (bodies.OCTET_STREAM,)
@@ -432,17 +430,6 @@ def _inline_job(body: bytes, accept: str | None, backend_name: str,
     timings = [("parse", time.perf_counter() - t0)]
     return convolve(x_blob, w, args, out_type, backend_name, max_elements, cache=False,
                     endpoint="/v1/conv2d", timings=timings)
-
-
-async def offload(func: Callable[..., T], *args: Any) -> T:
-    """Run CPU-bound work in the thread pool so the event loop keeps answering."""
-    with JOBS.track_inprogress():
-        return await run_in_threadpool(func, *args)
-
-
-def settings_of(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
 
 
 @router.post(

@@ -24,7 +24,7 @@ import codec
 from .. import auth, bodies, layers, metrics
 from ..layers import CorruptLayer, InvalidLayer, InvalidName, Layer, LayerNotFound, LayerStore
 from ..problems import InvalidParameters, ProblemError, UnsupportedMediaType, responses
-from . import conv
+from . import conv, offload, settings_of
 
 
 class _AnyText(PathConvertor):
@@ -175,7 +175,7 @@ def _list_job(store: LayerStore) -> dict[str, Any]:
             responses=responses(503))
 async def list_layers(request: Request) -> dict[str, Any]:
     """Every stored layer, sorted by name; `corrupt` names files that fail their checks."""
-    result: dict[str, Any] = await conv.offload(_list_job, store_of(request.app))
+    result: dict[str, Any] = await offload(_list_job, store_of(request.app))
     return result
 
 
@@ -215,9 +215,9 @@ async def put_layer(request: Request, name: NameParam) -> Response:
     if kind not in bodies.MSGPACK_ALIASES:
         raise UnsupportedMediaType(f"send the layer as a MessagePack map ({bodies.MSGPACK}), "
                                    f"not {kind or 'no Content-Type'}")
-    settings = conv.settings_of(request)
+    settings = settings_of(request)
     body = await bodies.read_body(request, settings.max_body_bytes)
-    layer, replaced = await conv.offload(_put_job, store_of(request.app), name, body,
+    layer, replaced = await offload(_put_job, store_of(request.app), name, body,
                                          settings.max_elements)
     if replaced:
         return JSONResponse(layer.describe(), status_code=200)
@@ -230,7 +230,7 @@ async def put_layer(request: Request, name: NameParam) -> Response:
 async def get_layer(request: Request, name: NameParam) -> dict[str, Any]:
     """The stored layer's description; 409 if its file is corrupt."""
     name = _checked_name(name)
-    layer: Layer = await conv.offload(_stored, store_of(request.app).get, name)
+    layer: Layer = await offload(_stored, store_of(request.app).get, name)
     return layer.describe()
 
 
@@ -241,7 +241,7 @@ async def get_layer(request: Request, name: NameParam) -> dict[str, Any]:
 async def delete_layer(request: Request, name: NameParam) -> Response:
     """Remove the layer's file, corrupt or not."""
     name = _checked_name(name)
-    await conv.offload(_stored, store_of(request.app).delete, name)
+    await offload(_stored, store_of(request.app).delete, name)
     return Response(status_code=204)
 
 
@@ -293,10 +293,10 @@ async def layer_conv2d(
     if kind not in ("", bodies.OCTET_STREAM):
         raise UnsupportedMediaType(f"send the activations' bitstream as {bodies.OCTET_STREAM}, "
                                    f"not {kind}")
-    settings = conv.settings_of(request)
+    settings = settings_of(request)
     backend_name = conv.backend(settings)
     blob = await bodies.read_body(request, settings.max_body_bytes)
-    out = await conv.offload(_layer_job, store_of(request.app), name, blob, relu, out_scale,
+    out = await offload(_layer_job, store_of(request.app), name, blob, relu, out_scale,
                              out_zero_point, out_type, backend_name, settings.max_elements)
     return out.response(request)
 

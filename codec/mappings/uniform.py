@@ -69,22 +69,11 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: int, 
     if not per_channel:
         bounds_lo, bounds_hi, magic = bounds_lo[0], bounds_hi[0], magic[0]
         late = None if late is None else late[0]
+    # A per-channel clamp is always run: only the per-tensor range is known here.
+    clamp = per_channel or _clamp_needed(x_range, scale, bounds_lo, bounds_hi)
     with np.errstate(over="ignore"):  # |x|/scale beyond FLT_MAX is inf: clamped below
-        if not per_channel:  # the hot loop, with nothing but the (three or) four calls
-            z = late
-            clamp = _clamp_needed(x_range, scale, bounds_lo, bounds_hi)
-            for start in range(0, x.size, buf.size):
-                stop = min(start + buf.size, x.size)
-                t, o = buf[: stop - start], of[start:stop]
-                np.divide(xf[start:stop], scale, out=t)
-                if clamp:
-                    _clip(t, bounds_lo, bounds_hi, out=t)
-                np.add(t, magic, out=t)
-                np.copyto(o, t.view(np.int32), casting="unsafe")  # the low byte
-                if z is not None:
-                    np.add(o, z, out=o)  # wraps modulo 256 like the low byte above
-            return out
-        for start, stop, rows, cols, ch in iter_blocks(x.shape, axis):
+        for start, stop, rows, cols, ch in iter_blocks(x.shape, axis if per_channel else None,
+                                                       buf.size):
             t = buf[: stop - start].reshape(rows, cols)
             o = of[start:stop].reshape(rows, cols)
             if ch is None:
@@ -93,7 +82,8 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: int, 
                 s, b0, b1, m = (pick(v, ch) for v in (scale, bounds_lo, bounds_hi, magic))
                 z = None if late is None else pick(late, ch)
             np.divide(xf[start:stop].reshape(rows, cols), s, out=t)
-            _clip(t, b0, b1, out=t)
+            if clamp:
+                _clip(t, b0, b1, out=t)
             np.add(t, m, out=t)
             np.copyto(o, t.view(np.int32), casting="unsafe")  # the low byte
             if z is not None:
