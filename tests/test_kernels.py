@@ -316,15 +316,26 @@ def test_code_table_at_its_own_steps(name: str, bits: int) -> None:
         probe = probe[~np.isnan(probe)]
         want = ref_compander_quantize(mapping, probe, bits, None, is_signed, params)
         np.testing.assert_array_equal(table.quantize(probe, dtype), want)
+        keep = probe >= 0  # -0.0 too: the path for tensors with nothing below zero
+        np.testing.assert_array_equal(table.quantize(probe[keep], dtype, nonneg=True),
+                                      want[keep])
 
 
 def test_compander_table_is_used_for_large_tensors() -> None:
     x = data(np.random.default_rng(0), (blocks.LUT_MIN_SIZE + 3,))
+    relu = np.maximum(x, 0)
+    relu[::7] = -0.0  # no value below zero, but sign bits set
     for name in COMPANDERS:
-        mapping, signed, params = _params(name, x, 4, None, True)
-        got = mapping.quantize(x, 4, None, signed, params)
-        np.testing.assert_array_equal(
-            got, ref_compander_quantize(mapping, x, 4, None, signed, params))
+        for v, signed in ((x, True), (relu, True), (relu, False)):
+            fitted = _params(name, v, 4, None, signed)
+            if fitted is None:
+                continue
+            mapping, is_signed, params = fitted
+            want = ref_compander_quantize(mapping, v, 4, None, is_signed, params)
+            np.testing.assert_array_equal(mapping.quantize(v, 4, None, is_signed, params), want)
+            x_range = (float(v.min()), float(v.max()))
+            np.testing.assert_array_equal(
+                mapping.quantize(v, 4, None, is_signed, params, x_range=x_range), want)
 
 
 # --- bit packing with the signed offset -------------------------------------------------
@@ -416,6 +427,27 @@ def test_code_table_with_several_steps_in_a_bucket(steps: int) -> None:
                             np.nextafter(edges, np.float32(np.inf)),
                             np.linspace(-3, 9, 5001, dtype=np.float32),
                             np.float32([0.0, -0.0, np.inf, -np.inf])])
+    np.testing.assert_array_equal(table.quantize(probe, np.dtype(np.uint8)), f(probe))
+    keep = probe >= 0
+    np.testing.assert_array_equal(
+        table.quantize(probe[keep], np.dtype(np.uint8), nonneg=True), f(probe[keep]))
+
+
+@pytest.mark.parametrize("edge", [0.0, 1e-45, 2.5])
+def test_code_table_for_tensors_without_negatives(edge: float) -> None:
+    """The path for tensors with nothing below zero, on a step just at or above zero:
+    -0.0 sits at the top of its bucket, where a step at 0 lies (-0.0 >= 0)."""
+    edge32 = np.float32(edge)
+
+    def f(v: np.ndarray) -> np.ndarray:
+        return (v >= edge32).astype(np.uint8)
+
+    table = blocks.CodeTable.build(f, np.dtype(np.uint8))
+    assert table is not None and table.entry is not None
+    above = np.nextafter(edge32, np.float32(np.inf))
+    probe = np.float32([-0.0, 0.0, 1e-45, 2e-45, 1e-38, 1.0, 2.5, above, 3.0, np.inf])
+    np.testing.assert_array_equal(
+        table.quantize(probe, np.dtype(np.uint8), nonneg=True), f(probe))
     np.testing.assert_array_equal(table.quantize(probe, np.dtype(np.uint8)), f(probe))
 
 

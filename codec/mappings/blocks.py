@@ -304,19 +304,28 @@ class CodeTable:
         self.thr = thr  # (K, 65536) float32
         # With at most one step per bucket, one uint32 gather does it all. Let ``lo`` be
         # the low 16 bits of x's pattern, complemented for negative x, so that it grows
-        # with x inside a bucket, and T the same of the bucket's step; the entry is
-        # ``low * 2**16 + (2**16 - T)`` (just ``low * 2**16`` without a step), and the
-        # carry out of ``entry + lo`` is ``x >= step``: ``code = (entry + lo) >> 16``.
-        self.entry = None
+        # with x inside a bucket, and T the same of the bucket's step; with
+        # ``e = low * 2**16 + (2**16 - T)`` (just ``low * 2**16`` without a step), the
+        # carry out of ``e + lo`` is ``x >= step``: ``code = (e + lo) >> 16``.
+        # The kernel adds the whole 32-bit ``y`` (x's pattern, all bits complemented for
+        # negative x) instead of ``lo``: y's high half is a constant of the bucket, taken
+        # out of its entry modulo 2**32, which saves masking the low half.
+        self.entry = self.entry_nonneg = None
         if thr.shape[0] <= 1:
-            entry = low.view(np.uint8).astype(np.uint32) << np.uint32(16)
+            e = low.view(np.uint8).astype(np.uint32) << np.uint32(16)
             if thr.shape[0]:
                 has = ~np.isnan(thr[0])
                 tb = thr[0].view(np.uint32)
                 neg = (tb >> np.uint32(31)).astype(bool)
                 t16 = (tb ^ np.where(neg, np.uint32(0xFFFF), np.uint32(0))) & np.uint32(0xFFFF)
-                entry[has] += np.uint32(1 << 16) - t16[has]
-            self.entry = entry
+                e[has] += np.uint32(1 << 16) - t16[has]
+            h = np.arange(1 << 16, dtype=np.uint32)
+            neg_bucket = h >= np.uint32(0x8000)
+            self.entry = e - (np.where(neg_bucket, ~h & np.uint32(0xFFFF), h) << np.uint32(16))
+            # With no x < 0, y is x's pattern itself. The one negative pattern left is
+            # -0.0 (bucket 0x8000, low half 0, complemented 0xFFFF).
+            self.entry_nonneg = (e - (h << np.uint32(16))
+                                 + np.where(neg_bucket, np.uint32(0xFFFF), np.uint32(0)))
 
     @classmethod
     def build(cls, f, out_dtype: np.dtype) -> CodeTable | None:
@@ -386,9 +395,10 @@ class CodeTable:
         return table
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None,
-              scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-              ) -> np.ndarray:
-        """Codes of float32 ``x`` (1-D, contiguous) into ``out``."""
+              scratch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+              nonneg: bool = False) -> np.ndarray:
+        """Codes of float32 ``x`` (1-D, contiguous) into ``out``. ``nonneg`` promises
+        that no element is below zero (-0.0 allowed), which saves two passes."""
         n = x.size
         if out is None:
             out = np.empty(n, self.low.dtype)
@@ -399,11 +409,14 @@ class CodeTable:
         np.right_shift(bits, np.uint32(16), out=idx, casting="unsafe")
         if self.entry is not None:
             ent = tv.view(np.uint32)
-            np.right_shift(x.view(np.int32), np.int32(31), out=lo.view(np.int32))  # 0 or -1
-            np.bitwise_xor(lo, bits, out=lo)  # negative x: low bits complemented
-            np.bitwise_and(lo, np.uint32(0xFFFF), out=lo)
-            np.take(self.entry, idx, out=ent, mode="clip")  # mode="clip": no bounds check
-            np.add(ent, lo, out=ent)
+            if nonneg:
+                np.take(self.entry_nonneg, idx, out=ent, mode="clip")  # no bounds check
+                np.add(ent, bits, out=ent)
+            else:
+                np.take(self.entry, idx, out=ent, mode="clip")
+                np.right_shift(x.view(np.int32), np.int32(31), out=lo.view(np.int32))  # 0, -1
+                np.bitwise_xor(lo, bits, out=lo)  # y
+                np.add(ent, lo, out=ent)
             np.right_shift(ent, np.uint32(16), out=out.view(np.uint8), casting="unsafe")
             return out
         ge = lo.view(np.bool_)[:n]
@@ -415,9 +428,10 @@ class CodeTable:
             np.add(o8, ge.view(np.uint8), out=o8)
         return out
 
-    def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None
-                 ) -> np.ndarray:
-        """Codes of a whole C-contiguous float32 tensor, block by block."""
+    def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None,
+                 nonneg: bool = False) -> np.ndarray:
+        """Codes of a whole C-contiguous float32 tensor, block by block (``nonneg``: see
+        :meth:`apply`)."""
         if out is None:
             out = np.empty(x.shape, out_dtype)
         xf, of = x.reshape(-1), out.reshape(-1)
@@ -425,5 +439,5 @@ class CodeTable:
         scratch = _scratch(min(xf.size, step))
         for start in range(0, xf.size, step):
             stop = min(start + step, xf.size)
-            self.apply(xf[start:stop], of[start:stop], scratch)
+            self.apply(xf[start:stop], of[start:stop], scratch, nonneg)
         return out

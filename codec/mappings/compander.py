@@ -81,7 +81,8 @@ class Compander(Mapping):
         if not per_channel and x.size >= LUT_MIN_SIZE and x.dtype == np.float32:
             table = self._table_for(bits, signed, params, out_dtype)
             if table is not None:
-                return table.quantize(x, out_dtype, out)
+                nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
+                return table.quantize(x, out_dtype, out, nonneg)
         return self._quantize_direct(x, bits, axis, signed, params, out)
 
     def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype
