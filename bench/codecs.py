@@ -343,30 +343,24 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
     for f in out["floors"]:
         log(f"floor {f['label']}: {f['timing'].ratio:.2f}")
 
-    # The judged rows: several passes over all of them, minutes apart, because this
-    # machine's speed (and the copy's) drifts between passes more than within one.
+    # The judged rows: several passes over all of them, spread over the whole codec run
+    # (between its other sections), because this machine's speed, and the
+    # copy's, drifts over minutes more than within one pass.
     passes = 1 if quick else TARGET_PASSES
     runs: dict[str, list[list[dict[str, Any]]]] = {}
-    for p in range(passes):
+    pass_times: list[float] = []
+    t_start = time.perf_counter()
+
+    def target_pass() -> None:
+        if len(pass_times) >= passes:
+            return
+        pass_times.append(time.perf_counter() - t_start)
         for label, cases, _, _ in target_rows():
             runs.setdefault(label, []).append(
                 [run_case(c, big, base, 3 if quick else 11) for c in cases])
-        log(f"target pass {p + 1}/{passes} done")
-    targets = []
-    for label, _, t_enc, t_dec in target_rows():
-        row: dict[str, Any] = {"label": label, "t_enc": t_enc, "t_dec": t_dec}
-        for kind in ("enc", "dec"):
-            # worst case of the row in each pass, then the median pass and the spread
-            worst = [min(results, key=lambda r, k=kind: r[k].ratio) for results in runs[label]]
-            worst.sort(key=lambda r, k=kind: r[k].ratio)
-            row[kind] = worst[len(worst) // 2]
-            row[f"{kind}_range"] = (worst[0][kind].ratio, worst[-1][kind].ratio)
-        targets.append(row)
-        log(f"target {label}: encode {row['enc']['enc'].ratio:.2f} (>= {t_enc}), "
-            f"decode {row['dec']['dec'].ratio:.2f} (>= {t_dec})")
-    out["targets"] = targets
-    out["target_passes"] = passes
+        log(f"target pass {len(pass_times)}/{passes} done")
 
+    target_pass()
     into = []  # the decode targets again, into an existing result (codec.decode(out=...))
     result = np.empty_like(big)
     for case in (Case("linear", 8, None, BIG_SHAPE), Case("symmetric", 8, None, BIG_SHAPE),
@@ -388,6 +382,7 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
                 f"({rows[-1]['enc'].ratio:.2f}), dec {rows[-1]['dec'].gbs:.2f} GB/s "
                 f"({rows[-1]['dec'].ratio:.2f})")
         tables[name] = rows
+        target_pass()
     out["tables"] = tables
 
     mem = []
@@ -406,8 +401,27 @@ def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, An
     out["peers"] = {}
     for name, x, rounds in (("64 MiB (1x256x256x256)", big, rounds_big),
                             ("1x256x14x14 (200 KB)", small, rounds_small)):
+        target_pass()
         out["peers"][name] = peers(x, base, max(3, rounds // 2))
         log(f"peers {name}: done")
+
+    while len(pass_times) < passes:
+        target_pass()
+    targets = []
+    for label, _, t_enc, t_dec in target_rows():
+        row: dict[str, Any] = {"label": label, "t_enc": t_enc, "t_dec": t_dec}
+        for kind in ("enc", "dec"):
+            # worst case of the row in each pass, then the median pass and the spread
+            worst = [min(results, key=lambda r, k=kind: r[k].ratio) for results in runs[label]]
+            worst.sort(key=lambda r, k=kind: r[k].ratio)
+            row[kind] = worst[len(worst) // 2]
+            row[f"{kind}_range"] = (worst[0][kind].ratio, worst[-1][kind].ratio)
+        targets.append(row)
+        log(f"target {label}: encode {row['enc']['enc'].ratio:.2f} (>= {t_enc}), "
+            f"decode {row['dec']['dec'].ratio:.2f} (>= {t_dec})")
+    out["targets"] = targets
+    out["target_passes"] = passes
+    out["target_pass_times"] = pass_times
 
     procs = os.cpu_count() or 1
     mc_cases = [Case("linear", 8, None, BIG_SHAPE), Case("symmetric", 8, None, BIG_SHAPE),

@@ -102,10 +102,12 @@ def codec_sections(res: dict[str, Any]) -> list[str]:
            "*ratio* is that speed over the copy's, median of per-round ratios. "
            "Data: Laplacian with per-channel scales and ~5 % exact zeros.", "",
            "### Targets (64 MiB, per-tensor, fitted range)", "",
-           f"Each row was measured in {res['target_passes']} passes over all rows, a minute or "
-           "so apart (11 rounds each): the ratio is the median pass, *spread* the lowest and "
-           "highest pass. On this shared machine a whole pass can run 30 % slower or faster "
-           "than the next, copy included; within a pass the ratios hold much better.", "",
+           f"Each row was measured in {res['target_passes']} passes over all rows (11 rounds "
+           "each), spread over the codec run between its other sections (they started "
+           + ", ".join(f"{t:.0f}" for t in res["target_pass_times"]) + " s into it): the "
+           "ratio is the median pass, *spread* the lowest and highest pass. On this shared "
+           "machine a whole pass can run 30 % slower or faster than the next, copy included; "
+           "within a pass the ratios hold much better.", "",
            "| path | encode GB/s | encode ratio | spread | target | | decode GB/s | decode ratio "
            "| spread | target | |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in res["targets"]:  # (the floors follow the table)
@@ -189,8 +191,15 @@ def service_section(rows: list[dict[str, Any]]) -> list[str]:
            "`codec.decode` of the same tensor in the client process; *overhead* = p50 / "
            "(echo p50 + local), target ≤ 1.3 for /v1/compress of 3.2 MB. Linear, 8 bits, "
            "per-tensor (the defaults). The client shares the 2 cores with the workers.", "",
+           "The echo sends the request body back, so its reply is the size of the request, "
+           "while the service's is not (compress: 3.2 MB in, 0.8 MB out; decompress the "
+           "reverse). The *size-matched echo* (`/echo?size=N`, same request, a reply of the "
+           "service's N bytes, alternated with the other two) moves exactly the service's "
+           "bytes; *overhead vs matched* = p50 / (matched echo p50 + local) is the service's "
+           "own cost, like for like.", "",
            "| endpoint | tensor | workers | p50 ms | p99 ms | req/s | echo p50 ms | echo p99 ms "
-           "| echo req/s | local ms | overhead |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| echo req/s | local ms | overhead | matched echo p50 ms | overhead vs matched |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = ""
         if r["endpoint"] == "compress" and r["tensor"].startswith("3.2"):
@@ -198,7 +207,8 @@ def service_section(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"| /v1/{r['endpoint']} | {r['tensor']} | {r['workers']} | {_f(r['p50'])} | "
                    f"{_f(r['p99'])} | {_f(r['rps'], 1)} | {_f(r['echo_p50'])} | "
                    f"{_f(r['echo_p99'])} | {_f(r['echo_rps'], 1)} | {_f(r['local_ms'])} | "
-                   f"{_f(r['overhead'])}{target} |")
+                   f"{_f(r['overhead'])}{target} | {_f(r['matched_p50'])} | "
+                   f"{_f(r['overhead_matched'])} |")
     return out
 
 

@@ -48,7 +48,9 @@ TENSORS = {"3.2 MB (1x256x56x56)": (1, 256, 56, 56), "200 KB (1x128x20x20)": (1,
 
 async def echo_app(scope: dict[str, Any], receive: Callable[..., Any],
                    send: Callable[..., Any]) -> None:
-    """The raw echo endpoint: the request body back as application/octet-stream."""
+    """The raw echo endpoint: the request body back as application/octet-stream; with
+    ``?size=N``, N bytes (the body cut or zero-padded), so that its transfer matches a
+    service response of N bytes."""
     if scope["type"] == "lifespan":
         while True:
             msg = await receive()
@@ -64,6 +66,11 @@ async def echo_app(scope: dict[str, Any], receive: Callable[..., Any],
         if not msg.get("more_body"):
             break
     body = b"".join(chunks)
+    query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&")
+                 if "=" in p)
+    if "size" in query:
+        size = int(query["size"])
+        body = body[:size] + bytes(max(0, size - len(body)))
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/octet-stream"),
                             (b"content-length", str(len(body)).encode())]})
@@ -157,16 +164,16 @@ def latency(port: int, path: str, body: bytes, ctype: str, n: int, warmup: int =
         conn.close()
 
 
-def latency_pair(sport: int, eport: int, path: str, body: bytes, ctype: str, n: int,
-                 warmup: int = 5) -> tuple[list[float], list[float]]:
-    """Service and echo round trips alternated request by request (same drift for both)."""
-    conns = (_connect(sport), _connect(eport))
-    paths = (path, "/echo")
+def latency_alternated(targets: list[tuple[int, str]], body: bytes, ctype: str, n: int,
+                       warmup: int = 5) -> list[list[float]]:
+    """Round trips to each (port, path), alternated request by request (same drift for all)."""
+    conns = [_connect(port) for port, _ in targets]
+    paths = [path for _, path in targets]
     try:
         for _ in range(warmup):
             for c, p in zip(conns, paths):
                 _request(c, p, body, ctype)
-        out: tuple[list[float], list[float]] = ([], [])
+        out: list[list[float]] = [[] for _ in targets]
         for _ in range(n):
             for c, p, ts in zip(conns, paths, out):
                 t0 = time.perf_counter()
@@ -244,19 +251,30 @@ def run(quick: bool = False, log: Callable[[str], None] = print,
             for name, eps in payloads.items():
                 n = n_big if name.startswith("3.2") else n_small
                 for ep, (path, body, ctype, local) in eps.items():
-                    svc, echo = latency_pair(sport, eport, path, body, ctype, n)
+                    conn = _connect(sport)
+                    try:
+                        resp_bytes = len(_request(conn, path, body, ctype))
+                    finally:
+                        conn.close()
+                    matched = f"/echo?size={resp_bytes}"
+                    svc, echo, echo_m = latency_alternated(
+                        [(sport, path), (eport, "/echo"), (eport, matched)], body, ctype, n)
                     svc_rps = throughput(sport, path, body, ctype, workers, seconds)
                     echo_rps = throughput(eport, "/echo", body, ctype, workers, seconds)
                     row = {"endpoint": ep, "tensor": name, "workers": workers,
-                           "body_bytes": len(body),
+                           "body_bytes": len(body), "response_bytes": resp_bytes,
                            "p50": _pct(svc, 50), "p99": _pct(svc, 99), "rps": svc_rps,
                            "echo_p50": _pct(echo, 50), "echo_p99": _pct(echo, 99),
-                           "echo_rps": echo_rps, "local_ms": local}
+                           "echo_rps": echo_rps, "local_ms": local,
+                           "matched_p50": _pct(echo_m, 50)}
                     row["overhead"] = row["p50"] / (row["echo_p50"] + local)
+                    row["overhead_matched"] = row["p50"] / (row["matched_p50"] + local)
                     rows.append(row)
                     log(f"{ep} {name} x{workers}: p50 {row['p50']:.2f} ms, echo "
                         f"{row['echo_p50']:.2f} ms + local {local:.2f} ms -> "
-                        f"{row['overhead']:.2f}x; {svc_rps:.1f} req/s (echo {echo_rps:.1f})")
+                        f"{row['overhead']:.2f}x (size-matched echo {row['matched_p50']:.2f} ms "
+                        f"-> {row['overhead_matched']:.2f}x); {svc_rps:.1f} req/s "
+                        f"(echo {echo_rps:.1f})")
     return rows
 
 
