@@ -19,7 +19,8 @@ from .base import Mapping, Params, as_param, channels, has_negative, min_max
 from .blocks import CHUNK, LUT_MIN_SIZE, CodeTable, iter_blocks, pick
 
 
-# Recently built code tables (~320 KiB each), keyed by method, bits, sign and parameters.
+# Recently built code tables (~0.8 MiB each: codes, thresholds, two entry tables), keyed
+# by method, bits, sign and parameters.
 _TABLES: dict[tuple[Any, ...], CodeTable | None] = {}
 _TABLES_MAX = 8
 _TABLES_LOCK = threading.Lock()
