@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -42,14 +40,11 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import conftest  # noqa: E402  (tests/conftest.py: a `featcodec serve` process)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tree(pid: int) -> list[int]:
@@ -82,38 +77,25 @@ def mib(kib: float) -> float:
     return kib / 1024
 
 
-class Server:
+class Server(conftest.Server):
+    """`featcodec serve`, ready, optionally pinned to ``cpus``, with its processes' memory
+    and CPU time."""
+
     def __init__(self, workers: int, cpus: set[int] | None = None,
                  threads: int | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEATCODEC_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(FEATCODEC_HOST="127.0.0.1", FEATCODEC_PORT=str(self.port),
-                   FEATCODEC_WORKERS=str(workers), FEATCODEC_LOG_LEVEL="warning")
-        if threads is not None:
-            env["FEATCODEC_MAX_CONCURRENCY"] = str(threads)
+        env = {} if threads is None else {"FEATCODEC_MAX_CONCURRENCY": str(threads)}
         own = os.sched_getaffinity(0)
         if cpus:  # the server and its workers inherit the affinity at fork
             os.sched_setaffinity(0, cpus)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT,
-                                         env=env, stdin=subprocess.DEVNULL)
+            super().__init__(workers, log_level="warning", ready_path="/readyz", **env)
         finally:
             os.sched_setaffinity(0, own)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
+        try:
+            self.wait_ready()
+        except BaseException:
             self.stop()
-            raise SystemExit("server did not become ready in 60 s")
+            raise
         # With several workers, wait until every worker answers /readyz on its own:
         # give them a moment to finish importing after the first one is ready.
         if workers > 1:
@@ -130,14 +112,6 @@ class Server:
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def run_level(body: bytes, params: dict[str, str], workers: int, concurrency: int,

@@ -24,12 +24,9 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,17 +39,12 @@ import msgpack
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import codec  # noqa: E402
+from conftest import Server  # noqa: E402  (tests/conftest.py: a `featcodec serve` process)
 
 WINDOW_S = 10.0
 RSS_GROWTH_LIMIT = 0.10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def npy(x: np.ndarray) -> bytes:
@@ -155,50 +147,6 @@ def tree_rss(pid: int) -> int:
             continue
         todo += _children(p)
     return total
-
-
-class Server:
-    def __init__(self, workers: int, api_key: str | None, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEATCODEC_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        if api_key:
-            env["FEATCODEC_API_KEYS"] = api_key
-        self.layers_dir = tempfile.mkdtemp(prefix="featcodec-load-layers-")
-        env["FEATCODEC_LAYERS_DIR"] = self.layers_dir
-        env["FEATCODEC_OPEN_LAYER_WRITES"] = "true"  # without a key: for the one PUT
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", str(workers), "--log-level", "warning"],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.layers_dir, ignore_errors=True)
-        return self.proc.returncode
 
 
 @dataclass
@@ -345,13 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.duration <= 600 or not 0 < args.clients <= 1024:
         p.error("--duration must be in (0, 600] and --clients in (0, 1024]")
     log = Path(tempfile.mkstemp(prefix="featcodec-load-", suffix=".log")[1])
-    server = Server(args.workers, args.api_key, log)
+    layers_dir = tempfile.mkdtemp(prefix="featcodec-load-layers-")
+    env = {"FEATCODEC_LAYERS_DIR": layers_dir,
+           "FEATCODEC_OPEN_LAYER_WRITES": "true"}  # without a key: for the one PUT
+    if args.api_key:
+        env["FEATCODEC_API_KEYS"] = args.api_key
+    server = Server(args.workers, log_level="warning", ready_path="/readyz", log=log, **env)
     try:
         server.wait_ready()
         rep = asyncio.run(run(server.url, server.proc.pid, args.clients, args.duration,
                               args.api_key, args.seed))
     finally:
-        code = server.stop()
+        code = server.stop(timeout=60)
+        shutil.rmtree(layers_dir, ignore_errors=True)
     rep["server_exit_code"] = code
     print_report(rep)
     print(f"server exit code after SIGTERM: {code}; log {log}")

@@ -8,8 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,18 +26,25 @@ def free_port() -> int:
 
 
 class Server:
-    """A `featcodec serve` process; its stderr goes to a file we can show on failure."""
+    """A `featcodec serve` process; its output goes to a file we can show on failure (a
+    temporary one, removed by :meth:`stop`, unless ``log`` names one to keep). Also the
+    server of the service benchmarks in bench/."""
 
-    def __init__(self, workers: int = 1, **env: str) -> None:
+    def __init__(self, workers: int = 1, *, log_level: str = "info",
+                 ready_path: str = "/healthz", log: Path | None = None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = tempfile.NamedTemporaryFile(prefix="featcodec-serve-", suffix=".log",
-                                                delete=False)
+        self.ready_path = ready_path
+        self._keep_log = log is not None
+        # closed in stop()
+        self._log = (open(log, "wb") if log is not None  # noqa: SIM115
+                     else tempfile.NamedTemporaryFile(prefix="featcodec-serve-", suffix=".log",
+                                                      delete=False))
         environ = {k: v for k, v in os.environ.items() if not k.startswith("FEATCODEC_")}
         environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         environ.update(env)
         cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(workers), "--log-level", "info"]
+               "--port", str(self.port), "--workers", str(workers), "--log-level", log_level]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -48,23 +57,41 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server did not answer /healthz in {timeout}s:\n{self.stderr()}")
+        raise RuntimeError(f"server did not answer {self.ready_path} in {timeout}s:\n"
+                           f"{self.stderr()}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` s; the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        os.unlink(self._log.name)
+        if not self._keep_log:
+            os.unlink(self._log.name)
+        return self.proc.returncode
+
+
+def peak_memory(fn: Callable[..., Any], *args: Any) -> tuple[int, Exception | None]:
+    """The peak of Python-traced allocations (tracemalloc) while ``fn(*args)`` runs, and
+    the exception it raised, if any."""
+    tracemalloc.start()
+    try:
+        fn(*args)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - returned for the caller to check
+        error = exc
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, error
 
 
 def serve(workers: int = 1, **env: str) -> Iterator[Server]:

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = max(1, int(os.environ.get("FEATCODEC_FUZZ_SCALE", "1")))
@@ -267,18 +268,6 @@ def _stream(method: int, flags: int, dtype: int, bits: int, shape: tuple[int, ..
     return body + (zlib.crc32(body).to_bytes(4, "little") if crc else b"\0\0\0\0")
 
 
-def _peak(fn, *args) -> tuple[int, BaseException | None]:  # type: ignore[no-untyped-def]
-    tracemalloc.start()
-    try:
-        fn(*args)
-        error = None
-    except BaseException as exc:  # noqa: BLE001
-        error = exc
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, error
-
-
 @pytest.mark.parametrize("shape", [(10**6, 10**6), (10**12,), (2**31 - 1, 2**31 - 1),
                                    (2**63,), (1, 1, 10**12), (0, 10**12)],
                          ids=["1e6x1e6", "1e12", "int31-squared", "2^63", "1x1x1e12",
@@ -287,10 +276,10 @@ def test_huge_shape_is_refused_at_once(shape: tuple[int, ...]) -> None:
     """A stream claiming 10^12 elements costs nothing but its own parse."""
     payload_len = (min(10**12 * 8, 2**62)) if shape[0] else 0
     blob = _stream(1, 0, 3, 8, shape, 0xFF, b"\0\0\x80\x3f\0\0", payload_len, b"\0" * 64)
-    peak, error = _peak(codec.decode, blob)
+    peak, error = peak_memory(codec.decode, blob)
     assert isinstance(error, codec.FormatError), error
     assert peak < 64 * 1024, peak
-    peak, error = _peak(codec.inspect, blob)
+    peak, error = peak_memory(codec.inspect, blob)
     assert isinstance(error, codec.FormatError), error
     assert peak < 64 * 1024, peak
 
@@ -300,12 +289,12 @@ def test_claims_within_a_raised_limit_still_need_their_bytes() -> None:
     carrying them is refused before any allocation."""
     n = 10**12
     blob = _stream(1, 0, 2, 8, (n,), 0xFF, b"\0\0\x80\x3f\0\0", n, b"\0" * 100)
-    peak, error = _peak(codec.decode, blob, 10**13)
+    peak, error = peak_memory(codec.decode, blob, 10**13)
     assert isinstance(error, codec.FormatError) and "truncated" in str(error), error
     assert peak < 64 * 1024, peak
     # per-channel parameters claimed for 10^9 channels, none sent
     blob = _stream(3, 0, 2, 8, (10**9, 1), 0, b"\0\0\x80\x3f", 10**9, b"")
-    peak, error = _peak(codec.decode, blob, 10**13)
+    peak, error = peak_memory(codec.decode, blob, 10**13)
     assert isinstance(error, codec.FormatError), error
     assert peak < 64 * 1024, peak
 
@@ -349,7 +338,7 @@ if given is not None:
 def test_per_channel_tables_are_bounded(method: str) -> None:
     x = np.zeros((20_000, 0), np.float32)  # valid and empty: 20,000 channels, no elements
     blob = codec.encode(x, method=method, bits=8, axis=0)
-    peak, error = _peak(codec.decode, blob)
+    peak, error = peak_memory(codec.decode, blob)
     assert error is None
     assert peak <= PEAK_FACTOR * len(blob) + PEAK_SLACK, (peak, len(blob))
 

@@ -18,9 +18,8 @@ import select
 import socket
 import subprocess
 import sys
-import tracemalloc
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from app import auth, bodies, limits
 from app.main import create_app
 from app.problems import BodyTooLarge, InvalidParameters, MalformedBody
 from app.settings import Settings
-from conftest import ROOT, Server, serve
+from conftest import ROOT, Server, peak_memory, serve
 
 with warnings.catch_warnings():  # Starlette's notice about its future test client
     warnings.simplefilter("ignore")
@@ -290,18 +289,6 @@ def test_real_layer_routes_use_require_layer_write() -> None:
 # =========================================================================== hostile bodies
 
 
-def _peak(fn: Callable[..., Any], *args: Any) -> tuple[int, BaseException | None]:
-    tracemalloc.start()
-    try:
-        fn(*args)
-        error = None
-    except Exception as exc:  # noqa: BLE001
-        error = exc
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak, error
-
-
 def _npy_header(descr: Any, shape: tuple[int, ...], version: tuple[int, int] = (1, 0)) -> bytes:
     header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     header += " " * (63 - (len(header) + 10) % 64) + "\n"
@@ -323,7 +310,7 @@ BIG = 2**28
     (b"PK\x03\x04" + b"\0" * 60, MalformedBody),  # an .npz (zip) archive
 ])
 def test_hostile_npy_is_refused_before_allocation(body: bytes, error: type) -> None:
-    peak, exc = _peak(bodies.decode_npy, body, BIG)
+    peak, exc = peak_memory(bodies.decode_npy, body, BIG)
     assert isinstance(exc, error), exc
     assert peak < 256 * 1024, peak
 
@@ -385,7 +372,7 @@ def _bin32(n: int) -> bytes:
         "deep", "ndim-65", "extra-key", "object-dtype", "structured-dtype", "int-dtype",
         "1e12-elements", "2^64-shape", "int-key"])
 def test_hostile_msgpack_is_refused_before_allocation(body: bytes) -> None:
-    peak, exc = _peak(bodies.decode_msgpack, body, BIG, len(body))
+    peak, exc = peak_memory(bodies.decode_msgpack, body, BIG, len(body))
     assert isinstance(exc, (MalformedBody, InvalidParameters, BodyTooLarge)), repr(exc)
     assert peak < 4 * len(body) + 256 * 1024, peak
 
