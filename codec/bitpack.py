@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["packed_size", "pack", "unpack"]
+__all__ = ["packed_size", "pack", "unpack", "pair_fields", "workspace"]
 
 # Codes per chunk; scratch is 3.5 bytes per code of chunk. Each chunk costs
 # ~25 numpy calls (~1 us each): at 2**18 codes, which would keep the scratch
@@ -172,38 +172,62 @@ def _unpack_block(src: np.ndarray, bits: int, dst: np.ndarray, ws: _Scratch) -> 
     m = dst.size
     if bits == 1:
         dst[...] = np.unpackbits(src, bitorder="little")
-    elif bits <= 4:
-        pairs = src if bits == 4 else ws.p[: m // 2]
-        if bits < 4:
-            _unpack_block(src, 2 * bits, pairs, ws)
-        # Widen each pair byte to a uint16 lane, then move hi to bit 8.
+        return
+    pairs = _pair_block(src, bits, m, ws)
+    if bits <= 4:  # pair bytes: widen each to a uint16 lane, then move hi to bit 8
         y = dst.view(np.uint16)
         np.copyto(y, pairs)
         _split(y, ws.t[:m].view(np.uint16), bits, y)
     else:
-        s, t = ws.s[:m], ws.t[:m]
-        rec, used = _record_shape(bits)
-        k = m // rec.itemsize
-        # Gather: overlapping reads of one record per lane; the bytes past
-        # `used` belong to the next record, so this first split masks both
-        # halves instead of relying on clean lanes like _split does.
-        if k > 1:
-            np.copyto(s[: rec.itemsize * (k - 1)].view(rec), _records(src, rec, k - 1, used))
-        last = rec.itemsize * (k - 1)
-        s[last:] = 0
-        s[last : last + used] = src[(k - 1) * used :]
-        lanes = s.view(np.uint32 if bits == 6 else np.uint64)
-        half = lanes.dtype.itemsize * 4
-        w = lanes.dtype.itemsize * bits // 2
-        lane = lanes.dtype.type
-        tl = t.view(lanes.dtype)
-        np.left_shift(lanes, lane(half - w), out=tl)
-        np.bitwise_and(tl, lane(((1 << w) - 1) << half), out=tl)
-        np.bitwise_and(lanes, lane((1 << w) - 1), out=lanes)
-        np.bitwise_or(lanes, tl, out=lanes)
-        if bits != 6:
-            _split(s.view(np.uint32), t.view(np.uint32), 2 * bits, s.view(np.uint32))
-        _split(s.view(np.uint16), t.view(np.uint16), bits, dst.view(np.uint16))
+        _split(pairs, ws.t[:m].view(np.uint16), bits, dst.view(np.uint16))
+
+
+def _pair_block(src: np.ndarray, bits: int, m: int, ws: _Scratch) -> np.ndarray:
+    """The m/2 pair fields ``code[2i] | code[2i+1] << bits`` of the m codes (m % 8 == 0,
+    2 <= bits <= 7) packed in ``src``: uint8 for bits <= 4, else uint16, in ``src`` or
+    the scratch; the last step of unpacking (one split) is all that is left."""
+    if bits == 4:
+        return src
+    if bits < 4:
+        pairs = ws.p[: m // 2]
+        _unpack_block(src, 2 * bits, pairs, ws)
+        return pairs
+    s, t = ws.s[:m], ws.t[:m]
+    rec, used = _record_shape(bits)
+    k = m // rec.itemsize
+    # Gather: overlapping reads of one record per lane; the bytes past
+    # `used` belong to the next record, so this first split masks both
+    # halves instead of relying on clean lanes like _split does.
+    if k > 1:
+        np.copyto(s[: rec.itemsize * (k - 1)].view(rec), _records(src, rec, k - 1, used))
+    last = rec.itemsize * (k - 1)
+    s[last:] = 0
+    s[last : last + used] = src[(k - 1) * used :]
+    lanes = s.view(np.uint32 if bits == 6 else np.uint64)
+    half = lanes.dtype.itemsize * 4
+    w = lanes.dtype.itemsize * bits // 2
+    lane = lanes.dtype.type
+    tl = t.view(lanes.dtype)
+    np.left_shift(lanes, lane(half - w), out=tl)
+    np.bitwise_and(tl, lane(((1 << w) - 1) << half), out=tl)
+    np.bitwise_and(lanes, lane((1 << w) - 1), out=lanes)
+    np.bitwise_or(lanes, tl, out=lanes)
+    if bits != 6:
+        _split(s.view(np.uint32), t.view(np.uint32), 2 * bits, s.view(np.uint32))
+    return s.view(np.uint16)
+
+
+def pair_fields(src: np.ndarray, bits: int, m: int, workspace: _Scratch) -> np.ndarray:
+    """The ``m // 2`` fields ``code[2i] | code[2i+1] << bits`` (stored codes) of the first
+    ``m`` codes packed in the uint8 array ``src``, for a table lookup of two codes at a
+    time. ``m`` is a multiple of 8 and at most the ``workspace`` size, 2 <= bits <= 7;
+    the result (uint8 for bits <= 4, else uint16) is valid until the workspace is used
+    again."""
+    bits = _check_bits(bits)
+    if not 2 <= bits <= 7 or m % _QUANTUM or m > workspace.s.size:
+        raise ValueError(f"pair fields need 2 <= bits <= 7 and a multiple of {_QUANTUM} "
+                         f"codes within the workspace, got bits={bits}, m={m}")
+    return _pair_block(src[: m * bits // 8], bits, m, workspace)
 
 
 def _codes_u8(codes: object, signed: bool) -> np.ndarray:

@@ -354,3 +354,27 @@ def test_unpack_rejects_bad_buffer_and_out() -> None:
         unpack(b"\x00\x00", 4, 4, out=np.zeros(4, np.int8))
     with pytest.raises(ValueError, match="out"):
         unpack(b"\x00\x00", 4, 4, out=np.zeros(5, np.uint8))
+
+
+@pytest.mark.parametrize("bits", range(2, 8))
+def test_pair_fields_are_neighbouring_codes(bits: int) -> None:
+    """The fields a table decode gathers by: code[2i] | code[2i+1] << bits, from the
+    reference packing, at sizes that fill one lane, several, and a whole workspace."""
+    rng = np.random.default_rng(bits)
+    ws = bitpack.workspace(4096)
+    for m in (8, 16, 24, 1000, 4096):
+        codes = rng.integers(0, 1 << bits, m, dtype=np.uint8)
+        codes[:8] = (1 << bits) - 1  # all ones: a field must not leak into its neighbour
+        packed = np.frombuffer(ref_pack(codes, bits) + b"\xff", np.uint8)  # junk after
+        fields = bitpack.pair_fields(packed, bits, m, ws)
+        want = codes[0::2].astype(np.uint16) | codes[1::2].astype(np.uint16) << bits
+        np.testing.assert_array_equal(fields, want)
+        assert fields.dtype == (np.uint8 if bits <= 4 else np.uint16)
+
+
+def test_pair_fields_refuse_what_they_cannot_split() -> None:
+    ws = bitpack.workspace(64)
+    src = np.zeros(64, np.uint8)
+    for bits, m in ((1, 8), (8, 8), (5, 12), (5, 128)):
+        with pytest.raises(ValueError, match="pair fields"):
+            bitpack.pair_fields(src, bits, m, ws)

@@ -100,7 +100,9 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     monkeypatch.setattr(uniform, "CHUNK", 64)
     monkeypatch.setattr(uniform, "HOT_CHUNK", 64)
     monkeypatch.setattr(pipeline, "SEGMENT", 64)
-    monkeypatch.setattr(pipeline._ByteTable, "_BLOCK", 5)
+    monkeypatch.setattr(pipeline._FieldTable, "_BLOCK", 5)
+    monkeypatch.setattr(pipeline._FieldTable, "PAIR_MIN_CODES_PER_ENTRY", 0)
+    monkeypatch.setattr(pipeline._FieldTable, "PAIR_MIN_CODES_LINEAR", 0)
     monkeypatch.setattr(compander, "CHUNK", 64)
     monkeypatch.setattr(compander, "LUT_MIN_SIZE", 100)
     monkeypatch.setattr(bitpack, "_CHUNK", 64)
@@ -409,6 +411,53 @@ def test_streams_carry_the_reference_codes(small_blocks, method: str) -> None:
                     back = codec.decode_qtensor(blob)
                     np.testing.assert_array_equal(back.codes, want)
                     np.testing.assert_array_equal(codec.decode(blob), codec.dequantize(q))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_table_decode_equals_dequantize_at_every_size(small_blocks, monkeypatch,
+                                                      method: str) -> None:
+    """Per-tensor streams of 1-7 bits decode through a table of bytes or code pairs:
+    the very floats of unpack + dequantize, on sizes that end in a partial byte, in
+    fewer than 8 codes and across segments, into new arrays and into ``out``."""
+    used = []
+    real = pipeline._FieldTable.decode
+    monkeypatch.setattr(pipeline._FieldTable, "decode",
+                        lambda self, src, dst: (used.append(self.k), real(self, src, dst)))
+    mapping = get(method)
+    rng = np.random.default_rng(7)
+    for bits in range(1, 8):
+        for signed in (False, True):
+            lo, hi = mapping.bit_range(signed)
+            if not lo <= bits <= hi:
+                continue
+            for n in SIZES + [9, 130, 199]:
+                x = data(rng, (n,))
+                blob = codec.encode(x, method, bits, signed=signed)
+                want = codec.dequantize(codec.decode_qtensor(blob))
+                used.clear()
+                np.testing.assert_array_equal(codec.decode(blob).view(np.uint32),
+                                              want.view(np.uint32))
+                assert used and used[0] == (8 // bits if 8 % bits == 0 else 2)
+                out = np.full(n, np.nan, np.float32)
+                codec.decode(blob, out=out)
+                np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+                half = codec.encode(x.astype(np.float16), method, bits, signed=signed)
+                np.testing.assert_array_equal(
+                    codec.decode(half), codec.dequantize(codec.decode_qtensor(half))
+                    .astype(np.float16))
+
+
+def test_pair_tables_only_for_tensors_that_pay_for_them() -> None:
+    """A pair table has 2**(2*bits) entries: small tensors unpack instead, and linear
+    codes (cheap to dequantize) need a larger tensor than compander codes."""
+    usable = pipeline._FieldTable.usable
+    lin, mu = get("linear"), get("mulaw")
+    assert usable(lin, 4, False, 1) and usable(lin, 1, False, 3) and usable(mu, 2, False, 5)
+    assert not usable(lin, 8, False, 1 << 24) and not usable(mu, 8, False, 1 << 24)
+    assert not usable(mu, 5, True, 1 << 24) and not usable(lin, 4, False, 0)
+    assert not usable(mu, 7, False, (16 << 14) - 1) and usable(mu, 7, False, 16 << 14)
+    assert usable(mu, 3, False, 1 << 10) and not usable(mu, 3, False, 1000)
+    assert not usable(lin, 3, False, (1 << 20) - 1) and usable(lin, 7, False, 1 << 20)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
