@@ -25,6 +25,7 @@ from app.metrics import SNR_SAMPLE
 from app.problems import InvalidParameters, NotAcceptable, ProblemError
 from app.routers import codec as codec_routes
 from app.settings import Settings
+from conftest import peak_memory
 
 with warnings.catch_warnings():  # Starlette's notice about its future test client
     warnings.simplefilter("ignore")
@@ -283,6 +284,30 @@ def test_serializers_write_what_numpy_and_msgpack_write(x: np.ndarray) -> None:
     le = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
     assert bodies.encode_msgpack(x) == msgpack.packb(
         {"dtype": x.dtype.name, "shape": list(x.shape), "data": le.tobytes()}, use_bin_type=True)
+
+    for kind in (bodies.NPY, bodies.MSGPACK):  # written in place: the same bytes
+        assert bodies.fill_tensor(kind, x.shape, x.dtype, lambda out: np.copyto(out, x)) \
+            == bodies.encode_tensor(kind, x)
+
+
+def test_fill_tensor_writes_into_the_body_and_drops_it_on_error() -> None:
+    """In place when the elements start aligned (always for .npy; for MessagePack when
+    its header's length allows, as for this shape), else through one aligned copy."""
+    x = np.arange(1 << 22, dtype=np.float32).reshape(1, 256, 128, 128)  # 16 MiB
+    for kind, shape, in_place in ((bodies.NPY, x.shape, True),
+                                  (bodies.MSGPACK, x.shape, True),
+                                  (bodies.MSGPACK, (x.size,), False)):
+        peak, error = peak_memory(bodies.fill_tensor, kind, shape, x.dtype,
+                                  lambda out: np.copyto(out, x.reshape(out.shape)))
+        assert error is None
+        assert (peak < x.nbytes * 1.1) == in_place, peak  # no array of its own
+
+        def fail(out: np.ndarray) -> None:
+            out[:10] = 1
+            raise ValueError("corrupt")
+
+        with pytest.raises(ValueError, match="corrupt"):
+            bodies.fill_tensor(kind, x.shape, x.dtype, fail)
 
 
 def _snr(x: np.ndarray, blob: bytes) -> float:

@@ -146,15 +146,18 @@ def _header(blob: bytes, max_elements: int, max_bytes: int) -> container.Header:
 
 def _decompress(blob: bytes, max_elements: int, max_bytes: int,
                 kind: str) -> tuple[bytes, int, str]:
-    """Decode and serialize as one thread-pool job: (response body, tensor bytes, method)."""
+    """Decode and serialize as one thread-pool job: (response body, tensor bytes, method).
+    The tensor is decoded straight into the response body (its size is bounded by
+    :func:`_header`; decode verifies the stream before writing into it)."""
     try:
         h = _header(blob, max_elements, max_bytes)
-        arr = codec.decode(blob, max_elements=max_elements)
+        body = bodies.fill_tensor(kind, h.shape, h.dtype, lambda out: codec.decode(
+            blob, max_elements=max_elements, out=out))
     except MemoryError:
         raise ServiceUnavailable("not enough memory for this tensor; retry later") from None
     except (TypeError, ValueError) as exc:  # FormatError, and anything else the stream causes
         raise MalformedBitstream(str(exc)) from None
-    return bodies.encode_tensor(kind, arr), arr.nbytes, h.mapping.name
+    return body, h.size * h.dtype.itemsize, h.mapping.name
 
 
 def _inspect(blob: bytes, max_elements: int) -> dict[str, Any]:
