@@ -39,14 +39,14 @@ def _as_input(x: Any) -> tuple[np.ndarray, np.dtype]:
     return np.asarray(arr, dtype=np.float32, order="C"), np.dtype(dtype)
 
 
-def _check_nan(x: np.ndarray, allow_inf: bool, abs_sum: bool = False
-               ) -> tuple[float, float] | None:
+def _check_nan(x: np.ndarray, allow_inf: bool, abs_sum: bool = False,
+               axis: int | None = None) -> tuple[float, float] | None:
     """Refuse NaN (and Inf unless allowed); return the (min, max) of x, None when empty."""
     if x.size == 0:
         return None
-    # One fused pass (NaN propagates through min/max); a per-tensor fit reuses the range
-    # (and the sum of |x| when asked).
-    lo, hi = blocks.checked_range(x, abs_sum)
+    # One fused pass (NaN propagates through min/max); the fit reuses the range, per
+    # channel along ``axis`` if given (and the sum of |x| when asked).
+    lo, hi = blocks.checked_range(x, abs_sum, axis)
     if np.isnan(lo) or np.isnan(hi):
         raise ValueError("input contains NaN")
     if not allow_inf and not (np.isfinite(lo) and np.isfinite(hi)):
@@ -116,7 +116,8 @@ def _fit(x: Any, method: str, bits: Any, axis: Any, signed: bool | None,
     given = any(p.name in opts for p in mapping.params if p.name not in ("mu",))
     if given and clip != "minmax":
         raise ValueError(f"clip={clip!r} fits the range: it cannot go with given parameters")
-    x_range = _check_nan(x32, allow_inf=given, abs_sum=mapping.wants_abs_sum(axis, opts))
+    x_range = _check_nan(x32, allow_inf=given, abs_sum=mapping.wants_abs_sum(axis, opts),
+                         axis=axis)
     # Validate bits for the requested sign first, then for the fitted one.
     for s in ({True, False} if signed is None else {bool(signed)}):
         lo, hi = mapping.bit_range(s)

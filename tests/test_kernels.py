@@ -215,9 +215,16 @@ def test_min_max_matches_reference(small_blocks, shape: tuple[int, ...]) -> None
         mn, mx = blocks.min_max(x, axis)
         np.testing.assert_array_equal(mn, np.min(x, axis=red).astype(np.float64))
         np.testing.assert_array_equal(mx, np.max(x, axis=red).astype(np.float64))
+        if axis is not None:  # the same from the input check's note, made in its one pass
+            assert blocks.checked_range(x, axis=axis) == (x.min(), x.max())
+            mn, mx = blocks.min_max(x, axis)
+            np.testing.assert_array_equal(mn, np.min(x, axis=red).astype(np.float64))
+            np.testing.assert_array_equal(mx, np.max(x, axis=red).astype(np.float64))
     y = x.copy()
     y.reshape(-1)[y.size // 2] = np.nan
     assert np.isnan(blocks.checked_range(y)[0]) and np.isnan(blocks.checked_range(y)[1])
+    for axis in axes(shape)[1:]:
+        assert all(np.isnan(v) for v in blocks.checked_range(y, axis=axis))
 
 
 def test_noted_range_is_used_once_and_only_for_its_array() -> None:
@@ -233,6 +240,24 @@ def test_noted_range_is_used_once_and_only_for_its_array() -> None:
     blocks.checked_range(x)
     y[0] = -5
     assert blocks.min_max(y, None)[0] == -5  # another array never takes x's note
+
+
+def test_noted_channel_ranges_are_used_once_and_only_for_their_axis(monkeypatch) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    blocks.checked_range(x, axis=0)
+    x[0, 0] = -7  # mutated after the check: the note is stale, used once, then gone
+    np.testing.assert_array_equal(blocks.min_max(x, 0)[0], [0, 4, 8])
+    np.testing.assert_array_equal(blocks.min_max(x, 0)[0], [-7, 4, 8])
+    blocks.checked_range(x, axis=0)
+    np.testing.assert_array_equal(blocks.min_max(x, 1)[0], [-7, 1, 2, 3])  # other axis
+    assert blocks.min_max(x, None) == (-7, 11)  # the tensor's range is noted too
+    scans = []
+    real = blocks._axis_min_max
+    monkeypatch.setattr(blocks, "_axis_min_max", lambda *a: scans.append(1) or real(*a))
+    for method in ("linear", "symmetric", "mulaw"):
+        scans.clear()
+        codec.encode(data(np.random.default_rng(1), (2, 8, 33)), method, 5, axis=1)
+        assert len(scans) == 1, method  # a per-channel encode reads its input once to fit
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 70_000, 200_001])
@@ -255,6 +280,10 @@ def test_encode_after_in_place_mutation_sees_new_range() -> None:
     x *= 10
     q = codec.decode_qtensor(codec.encode(x, "linear", 8))
     assert np.isclose(float(q.scale) * 255, 20, rtol=0.01)
+    y = np.linspace(-1, 1, 1000, dtype=np.float32).reshape(4, 250)
+    codec.encode(y, "linear", 8, axis=0, scale=[0.01] * 4)  # per-channel note, not consumed
+    y *= 10
+    assert codec.encode(y, "linear", 8, axis=0) == codec.encode(y.copy(), "linear", 8, axis=0)
 
 
 # --- companders ------------------------------------------------------------------------

@@ -156,34 +156,36 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Min and max per tensor (0-d) or per channel along ``axis`` (1-D), in float64.
 
     One pass over memory (``np.min`` then ``np.max`` is two); NaN propagates,
-    ±inf is returned as such. A per-tensor result noted by :func:`note_range`
-    for this very array is used once instead of scanning again.
+    ±inf is returned as such. A result noted by :func:`checked_range` for this
+    very array (and axis) is used once instead of scanning again.
     """
     if x.size == 0:
         z = np.zeros(() if axis is None else (x.shape[axis],))
         return z, z.copy()
+    noted = _take_noted(x, "range" if axis is None else f"range{axis}")
+    if noted is not None:
+        return noted
     if axis is None:
-        noted = _take_noted(x, "range")
-        if noted is not None:
-            return noted
         lo, hi = _flat_min_max(np.ascontiguousarray(x).reshape(-1))
         return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    forget_range()
     mn, mx = _axis_min_max(np.ascontiguousarray(x), axis)
     return mn.astype(np.float64), mx.astype(np.float64)
 
 
-# Per-tensor statistics computed by the input check (codec.api) for the array about to
-# be fitted, so that fitting does not scan the tensor again: its range ("range") and,
-# for fits that need it, the float64 sum of |x| ("abs_sum"). Thread-local, held through
+# Statistics computed by the input check (codec.api) for the array about to be fitted,
+# so that fitting does not scan the tensor again: its range ("range"), the per-channel
+# ranges along an axis for a per-channel fit ("range1" for axis 1) and, for fits that
+# need it, the float64 sum of |x| ("abs_sum"). Thread-local, held through
 # a weak reference to that very array object (same data pointer, shape and strides);
 # each statistic is used at most once, and a note for another array drops them all.
 _noted = threading.local()
 
 
 def note_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               abs_sum: float | None = None) -> None:
-    """Remember the per-tensor (lo, hi) of ``x`` (and the sum of |x|) for its fit."""
+               abs_sum: float | None = None,
+               channels: tuple[int, np.ndarray, np.ndarray] | None = None) -> None:
+    """Remember the per-tensor (lo, hi) of ``x`` (and the sum of |x|, or the per-channel
+    (axis, min, max)) for its fit."""
     try:
         ref = weakref.ref(x)
     except TypeError:
@@ -191,11 +193,9 @@ def note_range(x: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     stats: dict[str, object] = {"range": (np.asarray(lo, np.float64), np.asarray(hi, np.float64))}
     if abs_sum is not None:
         stats["abs_sum"] = abs_sum
+    if channels is not None:
+        stats[f"range{channels[0]}"] = channels[1:]
     _noted.entry = (ref, x.__array_interface__["data"][0], x.shape, x.strides, stats)
-
-
-def forget_range() -> None:
-    _noted.entry = None
 
 
 def _take_noted(x: np.ndarray, key: str) -> Any:
@@ -234,10 +234,17 @@ def _flat_stats(xf: np.ndarray) -> tuple[np.floating, np.floating, float]:
     return np.minimum.reduce(np.array(mins)), np.maximum.reduce(np.array(maxs)), total
 
 
-def checked_range(x: np.ndarray, abs_sum: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def checked_range(x: np.ndarray, abs_sum: bool = False, axis: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Per-tensor (min, max) of a non-empty float array in one pass, noted for the fit
     that follows (see :func:`min_max`), with the sum of |x| for :func:`mean_abs` when
-    ``abs_sum``. NaN propagates to both."""
+    ``abs_sum``, or, with ``axis``, the per-channel ranges (computed in that same pass;
+    the tensor's range is theirs). NaN propagates to both."""
+    if axis is not None and not abs_sum:
+        mn, mx = (a.astype(np.float64) for a in _axis_min_max(np.ascontiguousarray(x), axis))
+        lo, hi = np.min(mn), np.max(mx)  # NaN propagates
+        note_range(x, lo, hi, channels=(axis, mn, mx))
+        return np.asarray(lo), np.asarray(hi)
     xf = np.ascontiguousarray(x).reshape(-1)
     total = None
     if abs_sum:
