@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import sys
@@ -27,6 +28,7 @@ TENSOR_TYPES = (NPY, MSGPACK)
 
 MAX_NDIM = 64  # the bitstream's own limit on dimensions
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # bytes: numpy's own default limit (max_header_size)
 _DETAIL_MAX = 300
 # Float dtypes only; no prefix means little-endian, as the wire format is explicit.
 _MSGPACK_DTYPE = re.compile(r"([<>]?)(float16|float32|float64|f2|f4|f8)")
@@ -118,9 +120,9 @@ def _check_count(shape: Sequence[int], max_elements: int) -> int:
 
 
 class _ChunkFile:
-    """A read-only file over a body's chunks: np.load copies the elements from them
-    straight into its array. Joining them first would cost a copy and, worse, fresh
-    pages the size of the body (page faults cost more than the copy itself)."""
+    """A read-only file over a body's chunks, from which the elements are copied straight
+    into their array (or viewed, in one chunk). Joining them first would cost a copy and,
+    worse, fresh pages the size of the body (page faults cost more than the copy itself)."""
 
     def __init__(self, chunks: Sequence[bytes]) -> None:
         self._chunks = [memoryview(c) for c in chunks if c]
@@ -139,56 +141,80 @@ class _ChunkFile:
             i += 1
         return b"".join(parts)
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = (0, self._pos, self.size)[whence]
-        self._pos = min(max(base + offset, 0), self.size)
-        return self._pos
+    def rest(self, dtype: np.dtype, count: int) -> np.ndarray:
+        """The ``count`` elements from the current position to the end: a read-only view
+        when they lie aligned in one chunk, else copied into a new array."""
+        i = bisect_right(self._ends, self._pos)
+        if count and self._ends[i] == self.size:  # all in the last chunk
+            chunk = self._chunks[i]
+            view = np.frombuffer(chunk, dtype, count, self._pos - (self.size - len(chunk)))
+            if view.flags.aligned:
+                return view
+        out = np.empty(count, dtype)
+        flat = out.view(np.uint8)
+        done = 0
+        while self._pos < self.size:
+            start = self._ends[i] - len(self._chunks[i])
+            part = self._chunks[i][self._pos - start:]
+            flat[done: done + len(part)] = np.frombuffer(part, np.uint8)
+            done += len(part)
+            self._pos += len(part)
+            i += 1
+        return out
 
     def tell(self) -> int:
         return self._pos
 
 
-def _npy_header(fp: _ChunkFile) -> tuple[tuple[int, ...], np.dtype]:
+@functools.lru_cache(maxsize=64)
+def _parse_npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """numpy's own parse of a .npy preamble (magic, version, length, header dict), cached:
+    a service sees the same few shapes over and over, and the parse (ast.literal_eval)
+    costs about as much as encoding a 200 KB tensor's worth of numpy calls."""
+    fp = io.BytesIO(raw)
     version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    return read(fp, max_header_size=_NPY_MAX_HEADER)
+
+
+def _npy_header(fp: _ChunkFile) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy preamble at the start of ``fp``, which is
+    left at the first data byte."""
+    start = fp.read(len(_NPY_MAGIC) + 2)
+    if start[: len(_NPY_MAGIC)] != _NPY_MAGIC:
+        raise MalformedBody("not a .npy file (bad magic)")
+    version = tuple(start[len(_NPY_MAGIC):])
+    if version not in ((1, 0), (2, 0)):
         raise MalformedBody(f".npy format version {version} is not supported")
-    return shape, dtype
+    length = fp.read(2 if version == (1, 0) else 4)
+    size = int.from_bytes(length, "little")
+    if size > _NPY_MAX_HEADER:  # before reading it: the claim may be gigabytes
+        raise MalformedBody(f".npy header of {size} bytes is over the {_NPY_MAX_HEADER} "
+                            "accepted")
+    try:
+        return _parse_npy_header(start + length + fp.read(size))
+    except Exception as exc:  # numpy reports bad headers with assorted exception types
+        raise MalformedBody(f"invalid .npy header: {_short(exc)}") from None
 
 
 def decode_npy(body: bytes | Sequence[bytes], max_elements: int) -> np.ndarray:
-    """A .npy body (or its chunks) as an array; the header is checked before anything is
-    allocated."""
+    """A .npy body (or its chunks) as an array, built from the checked header with no
+    np.load (so never a pickle): a read-only view of the body when its data lies aligned in
+    one chunk, else one copy. The header is checked before anything is allocated."""
     fp = _ChunkFile([body] if isinstance(body, bytes) else body)
-    if fp.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
-        raise MalformedBody("not a .npy file (bad magic)")
-    fp.seek(0)
-    try:
-        shape, dtype = _npy_header(fp)
-    except MalformedBody:
-        raise
-    except Exception as exc:  # numpy reports bad headers with assorted exception types
-        raise MalformedBody(f"invalid .npy header: {_short(exc)}") from None
+    shape, fortran, dtype = _npy_header(fp)
     if dtype.hasobject:
         raise MalformedBody(".npy files holding Python objects (pickles) are not accepted")
     if dtype.names is not None or dtype.subdtype is not None:
         raise InvalidParameters(f"structured dtype {dtype} is not supported; "
                                 "use float16, float32 or float64")
-    expected = _check_count(shape, max_elements) * dtype.itemsize
-    if fp.size - fp.tell() != expected:
+    count = _check_count(shape, max_elements)
+    if fp.size - fp.tell() != count * dtype.itemsize:
         raise MalformedBody(f".npy data is {fp.size - fp.tell()} bytes, header declares "
-                            f"{expected}")
-    fp.seek(0)
-    try:
-        arr = np.load(fp, allow_pickle=False)
-    except Exception as exc:
-        raise MalformedBody(f"invalid .npy file: {_short(exc)}") from None
-    if not isinstance(arr, np.ndarray):  # e.g. an .npz archive would be a mapping
-        raise MalformedBody("not a single .npy array")
-    return arr
+                            f"{count * dtype.itemsize}")
+    data = fp.rest(dtype, count)
+    return data.reshape(shape[::-1]).T if fortran else data.reshape(shape)
 
 
 def _no_ext(code: int, data: bytes) -> NoReturn:

@@ -315,18 +315,14 @@ def test_hostile_npy_is_refused_before_allocation(body: bytes, error: type) -> N
     assert peak < 256 * 1024, peak
 
 
-def test_npy_object_and_structured_dtypes_never_reach_np_load(monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
-    def no_load(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("np.load called on a refused header")
-
+def test_npy_object_and_structured_dtypes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     pickled = buf.getvalue()
     structured = [npy(np.zeros(3, dtype=[("a", "<f4"), ("b", "<f4")])),
-                  npy(np.zeros(3, dtype=("<f4", (2,)))),
+                  _npy_header(("<f4", (2,)), (3,)) + b"\0" * 24,  # a subarray dtype
                   _npy_header([("a", "|O")], (3,)) + b"\0" * 24]
-    monkeypatch.setattr(bodies.np, "load", no_load)
+    monkeypatch.setattr(bodies.np, "load", _no_load)
     with pytest.raises(MalformedBody, match="pickle"):
         bodies.decode_npy(pickled, BIG)
     for body in structured:
@@ -334,18 +330,37 @@ def test_npy_object_and_structured_dtypes_never_reach_np_load(monkeypatch: pytes
             bodies.decode_npy(body, BIG)
 
 
-def test_npy_loads_without_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, Any]] = []
-    real = np.load
+def _no_load(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("np.load called")
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(bodies.np, "load", spy)
-    x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    np.testing.assert_array_equal(bodies.decode_npy(npy(x), BIG), x)
-    assert seen == [{"allow_pickle": False}]
+@pytest.mark.parametrize("x", [
+    np.arange(6, dtype=np.float32).reshape(2, 3), np.asfortranarray(np.ones((4, 5))),
+    np.arange(12, dtype=">f4").reshape(3, 4), np.zeros((0, 3), np.float16),
+    np.full((), 2.5, np.float32), np.arange(100_000, dtype=np.float32)])
+def test_npy_bodies_never_reach_np_load(monkeypatch: pytest.MonkeyPatch, x: np.ndarray) -> None:
+    """The array is built from the checked header (nothing can unpickle): a read-only view
+    of a one-chunk body, or a copy of a chunked one, split anywhere."""
+    monkeypatch.setattr(bodies.np, "load", _no_load)
+    body = npy(x)
+    for chunks in ([body], [body[:7], body[7:]], [body[i: i + 1000]
+                                                  for i in range(0, len(body), 1000)]):
+        got = bodies.decode_npy(chunks, BIG)
+        assert got.dtype == x.dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got, x)
+        assert got.flags.aligned
+    view = bodies.decode_npy(body, BIG)
+    assert not view.flags.writeable or view.size == 0  # no copy of a one-chunk body
+
+
+def test_npy_data_at_an_odd_offset_is_copied_aligned() -> None:
+    x = np.arange(10, dtype=np.float32)
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (10,), } \n"  # unpadded
+    assert (10 + len(header)) % 4
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    got = bodies.decode_npy(body + x.tobytes(), BIG)
+    np.testing.assert_array_equal(got, x)
+    assert got.flags.aligned and got.flags.writeable
 
 
 def _bin32(n: int) -> bytes:
