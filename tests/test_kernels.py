@@ -286,6 +286,38 @@ def test_encode_after_in_place_mutation_sees_new_range() -> None:
     assert codec.encode(y, "linear", 8, axis=0) == codec.encode(y.copy(), "linear", 8, axis=0)
 
 
+
+_EDGE_CHANNELS = [
+    [0.0, 0.0], [-0.0, 0.0], [-0.0, 1.5], [2.5, 2.5], [-2.5, -2.5], [-3.0, -1.0], [1.0, 7.0],
+    [-F32.max, F32.max], [F32.max, F32.max], [-F32.max, -F32.max], [0.0, F32.max],
+    [F32.smallest_subnormal, F32.smallest_subnormal], [-F32.tiny, 0.0], [-1e-30, 1e30],
+    [-1.0, 254.0], [-254.0, 1.0], [-0.5, 0.5], [-1.0, 1.0 + 2 ** -23],
+]
+
+
+@pytest.mark.parametrize("method", ["linear", "symmetric"])
+def test_per_tensor_fit_on_floats_equals_per_channel_fit(method: str) -> None:
+    """Per-tensor ranges are fitted on Python floats (FloatOps), per-channel ones on numpy
+    arrays: every channel fitted alone must get exactly its per-channel parameters."""
+    rng = np.random.default_rng(11)
+    chans = [np.array(c, np.float32) for c in _EDGE_CHANNELS]
+    for _ in range(300):
+        lo, hi = np.sort(rng.laplace(size=2) * 10.0 ** rng.uniform(-30, 30))
+        chans.append(np.array([lo, hi], np.float32))
+    x = np.stack(chans)  # (channels, 2): each channel is its own min and max
+    mapping = get(method)
+    for bits in range(1, 9):
+        for signed in (False, True):  # (signed=None is decided for the whole tensor)
+            if method == "symmetric" and signed and bits == 1:
+                continue
+            _, per_channel = mapping.fit(x, bits, 0, signed, {})
+            for c, row in enumerate(x):
+                s, alone = mapping.fit(row, bits, None, signed, {})
+                for name, v in alone.items():
+                    assert v.shape == () and v.dtype == per_channel[name].dtype
+                    assert v.tobytes() == per_channel[name][c].tobytes(), (bits, signed, row)
+
+
 # --- companders ------------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ class Mapping:
         """Raise ValueError if stream parameters are unusable."""
         for p in self.params:
             v = params[p.name]
-            if not np.all(np.isfinite(v)):
+            if not every(np.isfinite(v)):
                 raise ValueError(f"{self.name}: parameter {p.name!r} must be finite")
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
@@ -107,7 +107,7 @@ def min_max(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         z = np.zeros(() if axis is None else (x.shape[axis],))
         return z, z.copy()
     mn, mx = blocks.min_max(x, axis)  # one fused pass (np.min then np.max is two)
-    if not (np.all(np.isfinite(mn)) and np.all(np.isfinite(mx))):
+    if not (every(np.isfinite(mn)) and every(np.isfinite(mx))):
         raise ValueError("input contains NaN or Inf; parameters cannot be fitted")
     return mn, mx
 
@@ -117,27 +117,103 @@ def has_negative(x: np.ndarray) -> bool:
     return bool(x.size) and bool(blocks.tensor_min(x) < 0)
 
 
-def to_f32_at_least(v: np.ndarray) -> np.ndarray:
-    """float32 values >= v (rounded up), so fitted ranges never shrink."""
+def every(mask: Any) -> bool:
+    """``np.all`` of a small boolean array (a parameter check): ``bool`` for 0-d, which
+    skips numpy's reduction machinery (5 µs a call, several per fit)."""
+    mask = np.asarray(mask)
+    return bool(mask) if mask.ndim == 0 else bool(mask.all())
+
+
+def some(mask: Any) -> bool:
+    """``np.any`` of a small boolean array, as :func:`every`."""
+    mask = np.asarray(mask)
+    return bool(mask) if mask.ndim == 0 else bool(mask.any())
+
+
+class ArrayOps:
+    """The element-wise operations of the range fits, on per-channel float64 arrays."""
+
+    where = staticmethod(np.where)
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    rint = staticmethod(np.rint)
+    abs = staticmethod(np.abs)
+
+
+class FloatOps:
+    """The same on per-tensor Python floats: IEEE double arithmetic like numpy's float64,
+    with numpy's pick between equal values (``maximum(a, b)`` is ``a`` unless ``b > a``;
+    no NaN reaches a fit), but none of the ~20 numpy calls on 0-d arrays (1-5 µs each)
+    that would dominate fitting a small tensor. tests/test_kernels.py checks both give the
+    same parameters."""
+
+    @staticmethod
+    def where(cond: bool, a: float, b: float) -> float:
+        return a if cond else b
+
+    @staticmethod
+    def minimum(a: float, b: float) -> float:
+        return b if b < a else a
+
+    @staticmethod
+    def maximum(a: float, b: float) -> float:
+        return b if b > a else a
+
+    @staticmethod
+    def rint(v: float) -> float:
+        return float(round(v))  # half to even, as np.rint
+
+    abs = staticmethod(abs)
+
+
+def fit_ops(dmin: Any) -> type[ArrayOps] | type[FloatOps]:
+    return FloatOps if isinstance(dmin, float) else ArrayOps
+
+
+def scalars(*values: np.ndarray) -> tuple[Any, ...]:
+    """0-d fitted statistics as Python floats (per-tensor fits then run on
+    :class:`FloatOps`), per-channel ones unchanged."""
+    return tuple(float(v) if np.ndim(v) == 0 else v for v in values)
+
+
+def to_f32_at_least(v: Any) -> Any:
+    """float32 values >= v (rounded up), so fitted ranges never shrink (a float32 scalar for
+    a Python float)."""
+    if isinstance(v, float):
+        f = np.float32(v)
+        return np.nextafter(f, np.float32(np.inf)) if float(f) < v else f
     v = np.asarray(v, np.float64)
     f = v.astype(np.float32)
     low = f.astype(np.float64) < v
-    if np.any(low):
-        f = np.where(low, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
+    if some(low):
+        with np.errstate(over="ignore"):  # FLT_MAX lanes, which np.where does not pick
+            f = np.where(low, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
     return f
 
 
-def positive_scale(v: np.ndarray) -> np.ndarray:
+_F32_TINY_SUB = np.finfo(np.float32).smallest_subnormal
+
+
+def positive_scale(v: Any) -> np.ndarray:
     """A usable float32 step: underflow goes to the smallest subnormal, zero range to 1."""
     f = to_f32_at_least(v)
-    tiny = np.finfo(np.float32).smallest_subnormal
-    return np.where(np.asarray(v) > 0, np.maximum(f, tiny), np.float32(1.0)).astype(np.float32)
+    if isinstance(v, float):
+        return np.asarray(FloatOps.maximum(f, _F32_TINY_SUB) if v > 0 else np.float32(1.0),
+                          np.float32)
+    return np.where(np.asarray(v) > 0, np.maximum(f, _F32_TINY_SUB),
+                    np.float32(1.0)).astype(np.float32)
 
 
-def below_overflow(scale: np.ndarray, amax: np.ndarray) -> np.ndarray:
+def below_overflow(scale: np.ndarray, amax: Any) -> np.ndarray:
     """``scale`` one float32 step lower where the level nearest ``amax`` (the data's largest
     magnitude) is beyond FLT_MAX: data at ±FLT_MAX with Δ rounded up would decode to ±inf."""
     scale = np.asarray(scale, np.float32)
+    if isinstance(amax, float) and scale.ndim == 0:
+        s = scale[()]
+        k = np.float32(FloatOps.rint(amax / float(s)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            top = k * s
+        return scale if np.isfinite(top) else np.asarray(np.nextafter(s, np.float32(0)))
     k = np.rint(np.asarray(amax, np.float64) / scale.astype(np.float64)).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         top = k * scale

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import uniform
 from .base import (Mapping, Param, Params, as_param, below_overflow, channels, code_range,
-                   min_max, positive_scale)
+                   every, fit_ops, min_max, positive_scale, scalars, some)
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -52,30 +52,32 @@ class Linear(Mapping):
             return signed, {"scale": scale, "zero_point": zero_point.astype(np.int16)}
         if opts.get("zero_point") is not None:
             raise ValueError("zero_point is only accepted together with scale")
-        dmin, dmax = min_max(x, axis)
-        mn, mx = np.minimum(dmin, 0.0), np.maximum(dmax, 0.0)
-        levels = hi - lo
+        dmin, dmax = scalars(*min_max(x, axis))
+        op = fit_ops(dmin)
+        mn, mx = op.minimum(dmin, 0.0), op.maximum(dmax, 0.0)
+        levels = float(hi - lo)
         rng = mx - mn
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.clip(np.rint(-mn * levels / np.where(rng > 0, rng, 1)), 0, levels)
-            # z rounded to an end of the code range leaves the other side of 0 with
-            # no level but 0 itself: Δ >= 2·|that side| keeps it within Δ/2.
-            up = np.where(z < levels, mx / np.maximum(levels - z, 1), 2.0 * mx)
-            down = np.where(z > 0, -mn / np.maximum(z, 1), -2.0 * mn)
-        step = np.minimum(np.maximum(up, down), _F32_MAX)  # 1 bit near FLT_MAX: no inf Δ
+        # (Every divisor is >= 1 or a positive range: no division by zero.)
+        z = op.minimum(op.maximum(op.rint(-mn * levels / op.where(rng > 0, rng, 1.0)), 0.0),
+                       levels)
+        # z rounded to an end of the code range leaves the other side of 0 with
+        # no level but 0 itself: Δ >= 2·|that side| keeps it within Δ/2.
+        up = op.where(z < levels, mx / op.maximum(levels - z, 1.0), 2.0 * mx)
+        down = op.where(z > 0, -mn / op.maximum(z, 1.0), -2.0 * mn)
+        step = op.minimum(op.maximum(up, down), _F32_MAX)  # 1 bit near FLT_MAX: no inf Δ
         # A constant channel c: Δ = |c| puts c exactly on the grid (code z ± 1).
         const = (dmin == dmax) & (dmin != 0)
-        step = np.where(const, np.abs(dmin), step)
-        z = np.where(const, (dmin < 0).astype(np.float64), z)
-        scale = below_overflow(positive_scale(step), np.maximum(-dmin, dmax))
-        return signed, {"scale": scale, "zero_point": (z + lo).astype(np.int16)}
+        step = op.where(const, op.abs(dmin), step)
+        z = op.where(const, (dmin < 0) * 1.0, z)
+        scale = below_overflow(positive_scale(step), op.maximum(-dmin, dmax))
+        return signed, {"scale": scale, "zero_point": np.asarray(z + lo).astype(np.int16)}
 
     def check(self, params: Params, bits: int, signed: bool) -> None:
         scale, zp = params["scale"], params["zero_point"]
-        if not np.all(np.isfinite(scale) & (scale > 0)):
+        if not every(np.isfinite(scale) & (scale > 0)):
             raise ValueError("scale must be finite and > 0")
         lo, hi = code_range(bits, signed)
-        if np.any(zp < lo) or np.any(zp > hi):
+        if some(zp < lo) or some(zp > hi):
             raise ValueError(f"zero_point must lie in the code range [{lo}, {hi}]")
 
     def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import uniform
 from .base import (Mapping, Param, Params, as_param, below_overflow, channels, code_range,
-                   has_negative, min_max, positive_scale)
+                   every, fit_ops, has_negative, min_max, positive_scale, scalars, some)
 
 
 class Symmetric(Mapping):
@@ -37,18 +37,21 @@ class Symmetric(Mapping):
                                               channels(x, axis))}
         dmin, dmax = min_max(x, axis)
         if signed is None:
-            signed = bool(np.any(dmin < 0))
+            signed = some(dmin < 0)
         lo, hi = code_range(bits, signed)
-        amax = np.maximum(np.abs(dmin), np.abs(dmax)) if signed else np.maximum(dmax, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):  # hi = 0: 1-bit signed, refused later
-            step = amax / hi  # hi is N/2-1 signed (restricted or not), N-1 unsigned
+        dmin, dmax = scalars(dmin, dmax)
+        op = fit_ops(dmin)
+        amax = op.maximum(op.abs(dmin), op.abs(dmax)) if signed else op.maximum(dmax, 0.0)
+        # hi is N/2-1 signed (restricted or not), N-1 unsigned; 0 (1-bit signed) is
+        # refused after the fit.
+        step = amax / max(hi, 1)
         # A constant channel c: Δ = |c| makes c a level exactly (code ±1).
         const = (dmin == dmax) & (dmin != 0)
-        step = np.where(const, np.abs(dmin), step)
+        step = op.where(const, op.abs(dmin), step)
         return signed, {"scale": below_overflow(positive_scale(step), amax)}
 
     def check(self, params: Params, bits: int, signed: bool) -> None:
-        if not np.all(np.isfinite(params["scale"]) & (params["scale"] > 0)):
+        if not every(np.isfinite(params["scale"]) & (params["scale"] > 0)):
             raise ValueError("scale must be finite and > 0")
 
     def _range(self, bits: int, signed: bool, restricted: bool) -> tuple[int, int]:
