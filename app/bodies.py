@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import io
 import re
-import sys
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from math import prod
 from typing import Any, NoReturn
@@ -130,16 +129,18 @@ class _ChunkFile:
         self.size = self._ends[-1] if self._ends else 0
         self._pos = 0
 
-    def read(self, n: int = -1) -> bytes:
-        stop = self.size if n < 0 else min(self.size, self._pos + n)
+    def _parts(self, stop: int) -> Iterator[memoryview]:
+        """The bytes from the current position to ``stop``, chunk by chunk (advancing)."""
         i = bisect_right(self._ends, self._pos)
-        parts = []
         while self._pos < stop:
             start = self._ends[i] - len(self._chunks[i])
-            parts.append(self._chunks[i][self._pos - start: stop - start])
-            self._pos += len(parts[-1])
+            part = self._chunks[i][self._pos - start: stop - start]
+            self._pos += len(part)
             i += 1
-        return b"".join(parts)
+            yield part
+
+    def read(self, n: int = -1) -> bytes:
+        return b"".join(self._parts(self.size if n < 0 else min(self.size, self._pos + n)))
 
     def rest(self, dtype: np.dtype, count: int) -> np.ndarray:
         """The ``count`` elements from the current position to the end: a read-only view
@@ -153,13 +154,9 @@ class _ChunkFile:
         out = np.empty(count, dtype)
         flat = out.view(np.uint8)
         done = 0
-        while self._pos < self.size:
-            start = self._ends[i] - len(self._chunks[i])
-            part = self._chunks[i][self._pos - start:]
+        for part in self._parts(self.size):
             flat[done: done + len(part)] = np.frombuffer(part, np.uint8)
             done += len(part)
-            self._pos += len(part)
-            i += 1
         return out
 
     def tell(self) -> int:
@@ -326,11 +323,9 @@ def fill_tensor(kind: str, shape: tuple[int, ...], dtype: np.dtype,
     head = _npy_head(shape, dtype) if kind == NPY else _msgpack_head(shape, dtype)
     # The wire wants little-endian, and numpy's kernels take a slow path on a misaligned
     # array (a MessagePack header has any length; 3x slower measured on 8-bit decode):
-    # then one copy into the body is cheaper.
-    # (A bytes object's data is 16-byte aligned on 64-bit CPython, so only the header's
-    # length decides; the view's own flag is checked too.)
-    big_endian = dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
-    if not big_endian and len(head) % dtype.alignment == 0:
+    # then one copy into the body is cheaper. (A bytes object's data is 16-byte aligned on
+    # 64-bit CPython, so the header's length decides; the view's own flag is checked too.)
+    if dtype == dtype.newbyteorder("<") and len(head) % dtype.alignment == 0:
         body = OutBytes(len(head) + prod(shape) * dtype.itemsize)
         view = body.array[len(head):].view(dtype).reshape(shape)
         if view.flags.aligned:

@@ -5,8 +5,8 @@ of the tensor into a cache-sized scratch, packs it straight into the
 returned bytes and runs the CRC over them while they are in cache; decode
 (after checking the CRC) unpacks a segment into scratch and dequantizes it
 into the output, or, for per-tensor codes below 8 bits, gathers the values of
-each byte or code pair from a table (:class:`_FieldTable`). No full-size codes array is made: 8-bit codes go straight
-into, or come straight out of, the stream.
+each byte or code pair from a table (:class:`_FieldTable`). No full-size codes
+array is made: 8-bit codes go straight into, or come straight out of, the stream.
 
 Segments start at multiples of 8 codes, so every segment but the last
 packs to whole bytes. A per-channel segment is a run of whole rows (a row
@@ -218,7 +218,7 @@ class _FieldTable:
             self._gather(src[:whole], dst[: whole * self.k].view(self.record))
         else:
             whole = m // 8 * 8 // 2  # pairs in whole quanta of 8 codes
-            step = self.ws.s.size
+            step = self.ws.s.size // 8 * 8  # pair_fields takes whole quanta of 8 codes
             for c0 in range(0, 2 * whole, step):
                 c1 = min(c0 + step, 2 * whole)
                 fields = bitpack.pair_fields(src[c0 * self.bits // 8:], self.bits, c1 - c0,

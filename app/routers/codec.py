@@ -230,7 +230,7 @@ async def compress(
     settings = settings_of(request)
     body = [await bodies.read_chunks(request, settings.max_body_bytes)]
     blob, nbytes, chosen = await offload(_compress, kind, body, settings.max_elements,
-                                          method, bits, axis, params)
+                                         method, bits, axis, params)
     _set_method_label(request, chosen)  # method=auto: the chosen one
     return Response(blob, media_type=bodies.OCTET_STREAM,
                     headers={"X-Original-Bytes": str(nbytes),
@@ -254,7 +254,7 @@ async def decompress(request: Request) -> Response:
     settings = settings_of(request)
     kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
     payload, nbytes, method = await offload(_decompress, blob, settings.max_elements,
-                                             settings.max_body_bytes, kind)
+                                            settings.max_body_bytes, kind)
     _set_method_label(request, method)
     return Response(payload, media_type=out_type,
                     headers={"X-Original-Bytes": str(nbytes),

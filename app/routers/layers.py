@@ -218,7 +218,7 @@ async def put_layer(request: Request, name: NameParam) -> Response:
     settings = settings_of(request)
     body = await bodies.read_body(request, settings.max_body_bytes)
     layer, replaced = await offload(_put_job, store_of(request.app), name, body,
-                                         settings.max_elements)
+                                    settings.max_elements)
     if replaced:
         return JSONResponse(layer.describe(), status_code=200)
     return JSONResponse(layer.describe(), status_code=201,
@@ -297,7 +297,7 @@ async def layer_conv2d(
     backend_name = conv.backend(settings)
     blob = await bodies.read_body(request, settings.max_body_bytes)
     out = await offload(_layer_job, store_of(request.app), name, blob, relu, out_scale,
-                             out_zero_point, out_type, backend_name, settings.max_elements)
+                        out_zero_point, out_type, backend_name, settings.max_elements)
     return out.response(request)
 
 
