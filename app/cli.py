@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    from .limits import HeaderTimeoutH11Protocol, exit_zero_on_sigterm
+    from .limits import GuardedHttpToolsProtocol, exit_zero_on_sigterm
 
     exit_zero_on_sigterm()  # uvicorn drains on SIGTERM, then re-raises it: exit 0, not 143
     # prometheus-client picks its multiprocess mode at import time, so the directory
@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run("app.main:create_app", factory=True, host=settings.host,
                     port=settings.port, workers=settings.workers,
-                    log_level=settings.log_level, http=HeaderTimeoutH11Protocol,
+                    log_level=settings.log_level, http=GuardedHttpToolsProtocol,
                     timeout_keep_alive=settings.keep_alive_s,
                     timeout_graceful_shutdown=settings.graceful_timeout_s)
     finally:

@@ -7,9 +7,10 @@
   which the request gets 408 and its connection is closed.
 - :func:`configure_threads`: the worker thread pool (``run_in_threadpool``)
   gets ``max_concurrency`` threads.
-- :class:`HeaderTimeoutH11Protocol`: uvicorn's h11 protocol with a deadline for
-  the request line and headers (uvicorn has none: its keep-alive timer restarts
-  on every byte, so a client dribbling a header byte at a time is never cut off).
+- :class:`GuardedHttpToolsProtocol`: uvicorn's httptools protocol with a deadline
+  and a size limit for the request line and headers (uvicorn has neither: its
+  keep-alive timer restarts on every byte, so a client dribbling a header byte at
+  a time is never cut off).
 - :func:`exit_zero_on_sigterm`: ``featcodec serve`` exits 0 after a graceful
   shutdown on SIGTERM (uvicorn re-raises the signal after draining, which would
   otherwise kill the process with status 143).
@@ -22,6 +23,7 @@ reading and discarding that body for as long as the client sends it.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import sys
@@ -30,13 +32,13 @@ from functools import cache
 from typing import Any
 
 import anyio.to_thread
-import h11
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .problems import PROBLEM_JSON, TYPE_PREFIX, Overloaded, RequestTimeout, responses
+from .problems import (PROBLEM_JSON, TYPE_PREFIX, HeadersTooLarge, MalformedRequest, Overloaded,
+                       ProblemError, RequestTimeout, responses)
 from .settings import Settings
 
 ADMITTED_PREFIX = "/v1/"
@@ -46,6 +48,10 @@ RETRY_AFTER_S = 1
 _GRACE_S = 0.05
 # How long a connection answered before its request body was read stays open to drain it.
 LINGER_S = 2.0
+# Request line and header fields, as h11 (uvicorn's pure-Python parser) bounds them.
+MAX_HEAD_BYTES = 16 * 1024
+_HEAD_TOO_LARGE = HeadersTooLarge(f"the URL and header fields exceed {MAX_HEAD_BYTES} bytes")
+_MALFORMED = MalformedRequest("the request is not valid HTTP/1.1")
 
 
 class LimitsMiddleware:
@@ -144,13 +150,27 @@ def _header_timeout() -> float:
     return Settings().header_timeout_s  # read once per process from FEATCODEC_* variables
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request line and headers do not
-    arrive within ``FEATCODEC_HEADER_TIMEOUT_S`` (from connect, or from the end of the
-    previous response on a kept-alive connection), and with Nagle's algorithm off."""
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback; httptools then stops and reports a parser error."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards uvicorn lacks, and Nagle's algorithm off.
+
+    - A deadline for the request line and headers: ``FEATCODEC_HEADER_TIMEOUT_S`` from
+      connect, or from the end of the previous response on a kept-alive connection.
+    - A size limit for them, ``MAX_HEAD_BYTES`` (431): httptools has none of its own and
+      gathers a header field in memory until it ends.
+    - ``LINGER_S`` for a connection answered before its body was read.
+    - Parser errors answered with a problem document (uvicorn's is plain text).
+    """
 
     _header_timer: asyncio.TimerHandle | None = None
     _linger_timer: asyncio.TimerHandle | None = None
+    _in_head = False  # between the first byte of a request and the end of its headers
+    _head_bytes = 0
+    _refusal: ProblemError | None = None  # sent once the running request ends
+    _refused = False  # a refusal was sent: the connection only drains until it closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -158,25 +178,54 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # answered and closing: drop what the client still sends
+            return
+        whole_chunk_in_head = self._in_head
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the headers are in (or the peer erred)
-            self._disarm_header_timer()
+        # Callbacks see the URL as it comes but a header field only once it ends, so
+        # count what arrives while the head stays incomplete, too: that bounds memory.
+        if whole_chunk_in_head and self._in_head and self._refusal is None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_after_answers(_HEAD_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a parser error
+        self._refuse_after_answers(_HEAD_TOO_LARGE if self._head_bytes > MAX_HEAD_BYTES
+                                   else _MALFORMED)
 
     def on_response_complete(self) -> None:
-        if self.conn.their_state is h11.SEND_BODY:
-            # Answered before the body was read (401, 413, 415, 503, ...): uvicorn discards
-            # what still arrives, for as long as it arrives. Give the client LINGER_S to
-            # stop sending and read the answer, then close.
-            self._disarm_header_timer()
-            if self._linger_timer is not None:
-                self._linger_timer.cancel()
-            self._linger_timer = self.loop.call_later(LINGER_S, self._linger_over, self.cycle)
-            super().on_response_complete()
-            return
-        self._arm_header_timer()  # before super(): it may already parse a pipelined request
+        if not self.pipeline and not self.transport.is_closing():
+            if self._refusal is not None:
+                self._refuse(self._refusal)
+            elif self.cycle.more_body:
+                # Answered before the body was read (401, 413, 415, 503, ...): uvicorn
+                # discards what still arrives, for as long as it arrives. Give the client
+                # LINGER_S to stop sending and read the answer, then close.
+                self._disarm_header_timer()
+                if self._linger_timer is not None:
+                    self._linger_timer.cancel()
+                self._linger_timer = self.loop.call_later(LINGER_S, self._linger_over,
+                                                          self.cycle)
+            else:
+                self._arm_header_timer()
         super().on_response_complete()
-        if self.conn.their_state is not h11.IDLE:
-            self._disarm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -184,6 +233,44 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def _refuse_after_answers(self, refusal: ProblemError) -> None:
+        """Refuse what cannot be parsed, and close; but first let the request before it
+        on this connection be answered, if it arrived whole (a pipelined client)."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.more_body \
+                and not self.cycle.response_complete:
+            self._refusal = refusal
+            self.flow.pause_reading()
+        else:
+            self._refuse(refusal)
+
+    def _refuse(self, problem: ProblemError) -> None:
+        """A problem document, then a lingering close: the parser cannot go on after an
+        error, but closing with unread input would reset the connection, and the reset
+        can destroy the answer before the client reads it."""
+        body = json.dumps({"type": TYPE_PREFIX + problem.slug, "title": problem.title,
+                           "status": problem.status, "detail": problem.detail}).encode()
+        head = (f"HTTP/1.1 {problem.status} {problem.title}\r\n"
+                f"content-type: {PROBLEM_JSON}\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self.transport.write(head.encode("latin-1") + body)
+        self._refused = True
+        self._disarm_header_timer()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()  # to drain, if a deferred refusal had paused it
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
@@ -201,7 +288,8 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
             self.logger.debug("closing a connection: no complete request headers within "
                               "%gs", _header_timeout())
             self.transport.close()

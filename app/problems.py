@@ -53,6 +53,10 @@ class MalformedBody(ProblemError):
     status, slug, title = 400, "malformed-body", "Malformed request body"
 
 
+class MalformedRequest(ProblemError):  # sent by app.limits' protocol, not by a handler
+    status, slug, title = 400, "malformed-request", "Malformed request"
+
+
 class MalformedBitstream(ProblemError):
     status, slug, title = 400, "malformed-bitstream", "Malformed bitstream"
 
@@ -87,6 +91,10 @@ class Forbidden(ProblemError):
 
 class RequestTimeout(ProblemError):
     status, slug, title = 408, "request-timeout", "Request timeout"
+
+
+class HeadersTooLarge(ProblemError):
+    status, slug, title = 431, "headers-too-large", "Request header fields too large"
 
 
 class Overloaded(ProblemError):

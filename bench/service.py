@@ -107,12 +107,12 @@ def server(kind: str, workers: int):
     else:
         code = (
             "import uvicorn\n"
-            "from app.limits import HeaderTimeoutH11Protocol\n"
+            "from app.limits import GuardedHttpToolsProtocol\n"
             "from app.settings import Settings\n"
             "s = Settings()\n"
             f"uvicorn.run('service:echo_app', app_dir={str(ROOT / 'bench')!r}, host={HOST!r},"
             f" port={port}, workers={workers}, log_level='warning',"
-            " http=HeaderTimeoutH11Protocol, timeout_keep_alive=s.keep_alive_s,"
+            " http=GuardedHttpToolsProtocol, timeout_keep_alive=s.keep_alive_s,"
             " timeout_graceful_shutdown=s.graceful_timeout_s, lifespan='on')\n")
         cmd = [sys.executable, "-c", code]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

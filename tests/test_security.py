@@ -678,13 +678,114 @@ def test_conflicting_content_lengths_are_400(guarded: Server) -> None:
 
 @pytest.mark.integration
 def test_content_length_with_chunked_encoding(guarded: Server) -> None:
-    """h11 lets Transfer-Encoding win (RFC 9112 6.3); the request is answered, no hang."""
+    """Both framings at once is the classic request-smuggling ambiguity (RFC 9112 6.3):
+    refused outright, and the connection closed."""
     with connect(guarded) as sock:
         sock.sendall(b"POST /v1/inspect HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                      b"Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream"
                      b"\r\n\r\n0\r\n\r\n")
         reply = read_reply(sock)
-        assert reply is not None and 400 <= reply.status < 500
+        assert reply is not None and reply.status == 400
+        assert reply.json()["type"] == "urn:featcodec:problem:malformed-request"
+        assert closed_by_server(sock)
+
+
+def _head_with(size: int) -> bytes:
+    """A GET /healthz head whose URL and header fields are ``size`` bytes in all, as the
+    server counts them (each field's name and value, plus 4 for ": " and CRLF)."""
+    line = b"GET /healthz HTTP/1.1\r\n"
+    budget = size - len(b"/healthz") - (len(b"Host") + len(b"x") + 4)
+    fields, i = [b"Host: x\r\n"], 0
+    while budget > 0:
+        name = b"X-Pad-%d" % i
+        value = b"p" * max(1, min(1000, budget - len(name) - 4))
+        fields.append(name + b": " + value + b"\r\n")
+        budget -= len(name) + len(value) + 4
+        i += 1
+    assert budget == 0
+    return line + b"".join(fields) + b"\r\n"
+
+
+@pytest.mark.integration
+def test_head_at_the_limit_is_served(guarded: Server) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(_head_with(limits.MAX_HEAD_BYTES))
+        reply = read_reply(sock)
+        assert reply is not None and reply.status == 200, reply and reply.body
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("head", [
+    pytest.param(_head_with(limits.MAX_HEAD_BYTES + 1), id="one byte over, in fields"),
+    pytest.param(b"GET /" + b"a" * limits.MAX_HEAD_BYTES + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                 id="long URL"),
+])
+def test_oversized_head_is_431(guarded: Server, head: bytes) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(head)
+        reply = read_reply(sock)
+        assert reply is not None and reply.status == 431, reply and reply.body
+        assert reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["type"] == "urn:featcodec:problem:headers-too-large"
+        assert closed_by_server(sock)
+
+
+@pytest.mark.integration
+def test_endless_header_is_cut_off_without_buffering(guarded: Server) -> None:
+    """One header value that never ends, sent in 64 KiB pieces: the parser would keep it
+    whole in memory until its end, so the server must stop reading long before."""
+    before = rss(guarded.proc.pid)
+    piece, sent, reply = b"v" * 65536, 0, None
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        while sent < 2**30:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                reply = read_reply(sock)
+                break
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        peak = rss(guarded.proc.pid)
+    assert reply is not None and reply.status == 431, "no 431 before the client gave up"
+    assert sent < 64 * 2**20, f"the server read {sent} bytes of one header"
+    assert peak - before < 32 * 2**20, f"server RSS grew by {(peak - before) >> 20} MiB"
+    assert httpx.get(guarded.url + "/healthz").status_code == 200
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                                 b"GET /healthz HTTP/1.1\r\nBad Header: x\r\n\r\n"])
+def test_unparsable_request_gets_a_problem_document(guarded: Server, raw: bytes) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(raw)
+        reply = read_reply(sock)
+        assert reply is not None and reply.status == 400
+        assert reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["type"] == "urn:featcodec:problem:malformed-request"
+        assert closed_by_server(sock)
+
+
+@pytest.mark.integration
+def test_pipelined_requests_are_answered_in_order(guarded: Server) -> None:
+    """Three requests in one write, the middle one with a body: three answers, in order,
+    and the connection stays usable."""
+    with connect(guarded) as sock:
+        sock.sendall(request_head("GET", "/healthz")
+                     + request_head("POST", "/v1/inspect", Content_Length=str(len(STREAM)),
+                                    Content_Type="application/octet-stream") + STREAM
+                     + request_head("GET", "/readyz"))
+        buf = bytearray()
+        replies = [read_reply(sock, buf) for _ in range(3)]
+        assert [r.status if r else None for r in replies] == [200, 200, 200]
+        assert replies[0].json() == {"status": "ok"}
+        assert replies[1].json()["elements"] > 0
+        assert replies[2].json() == {"status": "ready"}
+        sock.sendall(request_head("GET", "/healthz"))
+        reply = read_reply(sock, buf)
+        assert reply is not None and reply.status == 200
 
 
 @pytest.mark.integration
