@@ -103,15 +103,16 @@ def encode_raw(mapping: Mapping, x: np.ndarray, bits: int, axis: int | None, sig
     for seg in segs:
         m = seg.stop - seg.start
         dst = payload[_bytes(seg, bits)]
-        codes = dst.view(code_type) if scratch is None else scratch[:m]
-        mapping.quantize(xf[seg.start:seg.stop].reshape(seg.shape), bits,
-                         None if seg.rows is None else 0, signed, _slice(params, seg),
-                         restricted, out=codes.reshape(seg.shape),
-                         x_range=x_range if seg.rows is None else None)
-        if scratch is None:
-            if signed:  # stored code + 128, i.e. the top bit flipped, in place
-                np.bitwise_xor(dst, np.uint8(0x80), out=dst)
+        xs = xf[seg.start:seg.stop].reshape(seg.shape)
+        axis0, seg_params = None if seg.rows is None else 0, _slice(params, seg)
+        seg_range = x_range if seg.rows is None else None
+        if scratch is None:  # 8 bits: the stored bytes themselves
+            mapping.quantize_stored(xs, axis0, signed, seg_params, restricted,
+                                    dst.reshape(seg.shape), seg_range)
         else:
+            codes = scratch[:m]
+            mapping.quantize(xs, bits, axis0, signed, seg_params, restricted,
+                             out=codes.reshape(seg.shape), x_range=seg_range)
             bitpack.pack(codes, bits, signed=signed, out=dst, workspace=ws)
         crc = zlib.crc32(dst, crc)
     result.array[-4:] = np.frombuffer(crc.to_bytes(4, "little"), np.uint8)
@@ -144,18 +145,18 @@ def decode_raw(mapping: Mapping, blob: memoryview, payload_offset: int, bits: in
     for seg in segs:
         m = seg.stop - seg.start
         src = payload[_bytes(seg, bits)]
+        dst = of[seg.start:seg.stop] if f32_buf is None else f32_buf[:m]
+        axis0, seg_params = None if seg.rows is None else 0, _slice(params, seg)
         if table is not None:
-            dst = of[seg.start:seg.stop] if f32_buf is None else f32_buf[:m]
             table.decode(src, dst)
-        elif codes_buf is None:
-            codes = src
+        elif bits == 8:  # the stored bytes themselves
+            scratch = None if codes_buf is None else codes_buf[:m].view(np.uint8)
+            mapping.dequantize_stored(src.reshape(seg.shape), axis0, signed, seg_params,
+                                      dst.reshape(seg.shape), scratch)
         else:
             codes = bitpack.unpack(src, bits, m, out=codes_buf[:m], signed=signed,
                                    workspace=ws)
-        if table is None:
-            dst = of[seg.start:seg.stop] if f32_buf is None else f32_buf[:m]
-            mapping.dequantize(codes.reshape(seg.shape), bits,
-                               None if seg.rows is None else 0, signed, _slice(params, seg),
+            mapping.dequantize(codes.reshape(seg.shape), bits, axis0, signed, seg_params,
                                out=dst.reshape(seg.shape))
         if f32_buf is not None:
             np.copyto(of[seg.start:seg.stop], dst, casting="unsafe")

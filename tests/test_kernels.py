@@ -203,6 +203,50 @@ def test_uniform_odd_and_even_zero_points_per_channel(small_blocks) -> None:
                                                                 np.uint8))
 
 
+@pytest.mark.parametrize("method, restricted",
+                         [("linear", False), ("symmetric", False), ("symmetric", True)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_uniform_stored_bytes_fold_the_offset_into_z(small_blocks, method: str,
+                                                     restricted: bool, signed: bool) -> None:
+    """8-bit streams hold signed codes + 128; linear and symmetric fold that offset into
+    the zero point instead of flipping the top bit in a pass of their own. The stored
+    bytes must be the reference codes + 128 and decode to the reference values, at every
+    zero point (odd, even, both ends), with ties, saturation and per-channel rows."""
+    mapping = get(method)
+    rng = np.random.default_rng(5 + signed + 2 * restricted)
+    lo, hi = code_range(8, signed)
+    lo += int(restricted and signed)
+    dtype = np.int8 if signed else np.uint8
+    off = 128 if signed else 0
+    for shape in SHAPES + [(n,) for n in SIZES]:
+        x = data(rng, shape)
+        if x.size > 2:  # saturating codes at both ends
+            x.reshape(-1)[:2] = [F32.max, -F32.max]
+        for axis in axes(shape):
+            n = None if axis is None else shape[axis]
+            scale = (2.0 ** rng.integers(-3, 3, () if n is None else n)).astype(np.float32)
+            zps = [np.zeros((), np.int16)] if method == "symmetric" else [
+                rng.integers(lo, hi + 1, () if n is None else n).astype(np.int16),
+                np.full(() if n is None else n, lo, np.int16),
+                np.full(() if n is None else n, hi, np.int16)]
+            for zp in zps:
+                params = {"scale": scale} if method == "symmetric" else \
+                    {"scale": scale, "zero_point": zp}
+                for x_range in (None, (float(x.min()), float(x.max()))):
+                    stored = np.empty(shape, np.uint8)
+                    mapping.quantize_stored(x, axis, signed, params, restricted, stored,
+                                            x_range if axis is None else None)
+                    want = ref_uniform_quantize(x, scale, zp, lo, hi, axis, dtype)
+                    np.testing.assert_array_equal(
+                        stored, (want.astype(np.int16) + off).astype(np.uint8),
+                        err_msg=f"{shape} axis={axis}")
+                out = np.empty(shape, np.float32)
+                mapping.dequantize_stored(stored, axis, signed, params, out, None)
+                np.testing.assert_array_equal(
+                    out.view(np.uint32),
+                    ref_uniform_dequantize(want, scale, zp, axis).view(np.uint32))
+
+
 # --- min / max ----------------------------------------------------------------------
 
 

@@ -71,6 +71,27 @@ class Mapping:
         """float32 values of C-contiguous ``codes``, written to ``out`` when given."""
         raise NotImplementedError
 
+    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
+                        restricted: bool, out: np.ndarray,
+                        x_range: tuple[float, float] | None = None) -> None:
+        """8-bit codes of ``x`` as the stream stores them, into uint8 ``out``: signed codes
+        offset by 128, i.e. with the top bit flipped."""
+        self.quantize(x, 8, axis, signed, params, restricted,
+                      out.view(np.int8) if signed else out, x_range)
+        if signed:
+            np.bitwise_xor(out, np.uint8(0x80), out=out)
+
+    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
+                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
+        """float32 values of 8-bit codes as the stream stores them (uint8, see
+        :meth:`quantize_stored`) into ``out``; ``scratch``, uint8 of ``stored``'s size, is
+        given for signed codes."""
+        codes = stored
+        if signed:
+            codes = np.bitwise_xor(stored, np.uint8(0x80), out=scratch.reshape(stored.shape))
+            codes = codes.view(np.int8)
+        self.dequantize(codes, 8, axis, signed, params, out)
+
     def describe(self) -> dict[str, Any]:
         lo_u, hi_u = self.bit_range(False)
         lo_s, hi_s = self.bit_range(True)

@@ -90,3 +90,17 @@ class Linear(Mapping):
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
                    params: Params, out: np.ndarray | None = None) -> np.ndarray:
         return uniform.dequantize(codes, params["scale"], params["zero_point"], axis, out)
+
+    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
+                        restricted: bool, out: np.ndarray,
+                        x_range: tuple[float, float] | None = None) -> None:
+        lo, hi = code_range(8, signed)
+        off = 128 if signed else 0  # folded into z: no separate pass flips the top bit
+        zp = uniform.stored_zero_point(params["zero_point"], signed)
+        uniform.quantize(x, params["scale"], zp, lo + off, hi + off, axis, np.dtype(np.uint8),
+                         out, x_range)
+
+    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
+                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
+        zp = uniform.stored_zero_point(params["zero_point"], signed)
+        uniform.dequantize(stored, params["scale"], zp, axis, out)

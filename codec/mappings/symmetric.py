@@ -68,3 +68,17 @@ class Symmetric(Mapping):
     def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
                    params: Params, out: np.ndarray | None = None) -> np.ndarray:
         return uniform.dequantize(codes, params["scale"], np.zeros((), np.int16), axis, out)
+
+    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
+                        restricted: bool, out: np.ndarray,
+                        x_range: tuple[float, float] | None = None) -> None:
+        lo, hi = self._range(8, signed, restricted)
+        off = 128 if signed else 0  # folded into z: no separate pass flips the top bit
+        zp = uniform.stored_zero_point(np.zeros((), np.int16), signed)
+        uniform.quantize(x, params["scale"], zp, lo + off, hi + off, axis, np.dtype(np.uint8),
+                         out, x_range)
+
+    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
+                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
+        zp = uniform.stored_zero_point(np.zeros((), np.int16), signed)
+        uniform.dequantize(stored, params["scale"], zp, axis, out)

@@ -91,6 +91,13 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: int, 
     return out
 
 
+def stored_zero_point(zero_point: np.ndarray, signed: bool) -> np.ndarray:
+    """The zero point of 8-bit codes as the stream stores them (signed ones + 128): with
+    it, :func:`quantize` and :func:`dequantize` work on the stored bytes directly, with
+    the same codes and values (the offset is an exact integer in either direction)."""
+    return np.asarray(zero_point).astype(np.int16) + (128 if signed else 0)
+
+
 def _clamp_needed(x_range: tuple[float, float] | None, scale: np.float32,
                   bounds_lo: np.float32, bounds_hi: np.float32) -> bool:
     """Whether clamping x/scale to [bounds_lo, bounds_hi] can change anything.
