@@ -32,6 +32,7 @@ from functools import cache
 from typing import Any
 
 import anyio.to_thread
+from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,6 +53,14 @@ LINGER_S = 2.0
 MAX_HEAD_BYTES = 16 * 1024
 _HEAD_TOO_LARGE = HeadersTooLarge(f"the URL and header fields exceed {MAX_HEAD_BYTES} bytes")
 _MALFORMED = MalformedRequest("the request is not valid HTTP/1.1")
+_IN_FLIGHT = "featcodec_in_flight"  # request state: the middleware's count, as a callable
+
+
+def alone(request: Request) -> bool:
+    """Whether ``request`` is the only ``/v1`` request in flight in this process (False
+    when :class:`LimitsMiddleware` does not count them)."""
+    count = request.scope.get("state", {}).get(_IN_FLIGHT)
+    return count is not None and count() == 1
 
 
 class LimitsMiddleware:
@@ -71,10 +80,14 @@ class LimitsMiddleware:
             await self._overloaded(scope, receive, send)
             return
         self.in_flight += 1
+        scope.setdefault("state", {})[_IN_FLIGHT] = self._in_flight
         try:
             await self.app(scope, self._with_deadline(receive), send)
         finally:
             self.in_flight -= 1
+
+    def _in_flight(self) -> int:
+        return self.in_flight
 
     async def _overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = (f"{self.in_flight} requests in progress, the limit is {self.capacity} "

@@ -38,7 +38,8 @@ BYTES_IN = Counter("featcodec_http_request_body_bytes", "Request body bytes rece
 BYTES_OUT = Counter("featcodec_http_response_body_bytes", "Response body bytes sent",
                     ["endpoint", "method"], registry=_REGISTRY)
 JOBS = Gauge("featcodec_jobs_in_progress",
-             "Codec and (de)serialization jobs running in the worker thread pool",
+             "Codec and (de)serialization jobs running (in the worker thread pool, or on the "
+             "event loop for a small request alone in flight)",
              registry=_REGISTRY, multiprocess_mode="livesum")
 # conv2d (app/routers/conv.py, app/routers/layers.py): the compute step alone, per backend
 CONV_SECONDS = Histogram("featcodec_conv_compute_seconds",

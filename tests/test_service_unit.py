@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import math
@@ -13,12 +14,13 @@ from collections.abc import Iterator
 import msgpack
 import numpy as np
 import pytest
+from fastapi import Request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import codec
 from codec import container
-from app import bodies, limits, options
+from app import bodies, limits, options, routers
 from app.cli import main
 from app.main import create_app
 from app.metrics import SNR_SAMPLE
@@ -354,6 +356,96 @@ def test_snr_metric_of_a_large_tensor_comes_from_a_sample(kwargs: dict[str, obje
     if h.axis is not None:
         assert sample.shape[1] == x.shape[h.axis]  # every channel, for its parameters
     assert abs(codec_routes._snr_db(x, h) - _snr(x, blob)) < 0.5
+
+
+@pytest.fixture
+def pool_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the jobs handed to the thread pool (the others ran on the event loop)."""
+    names: list[str] = []
+    real = routers.run_in_threadpool
+
+    async def spy(func, *args):  # type: ignore[no-untyped-def]
+        names.append(func.__name__)
+        return await real(func, *args)
+
+    monkeypatch.setattr(routers, "run_in_threadpool", spy)
+    return names
+
+
+def test_small_lone_jobs_run_on_the_event_loop(client: TestClient, pool_jobs: list[str]
+                                               ) -> None:
+    x = np.random.default_rng(0).laplace(size=(1, 64, 8, 8)).astype(np.float32)
+    for method, bits in (("linear", 8), ("symmetric", 4), ("linear", 3)):
+        r = client.post(f"/v1/compress?method={method}&bits={bits}", content=npy(x),
+                        headers=NPY)
+        assert r.content == codec.encode(x, method, bits)
+        d = client.post("/v1/decompress", content=r.content)
+        assert np.array_equal(np.load(io.BytesIO(d.content)), codec.decode(r.content))
+    assert pool_jobs == []
+
+
+@pytest.mark.parametrize("query", ["clip=mse", "method=auto&target_bits=3", "entropy=ans",
+                                   "predictor=lorenzo&entropy=zstd", "target_snr_db=30",
+                                   "method=mulaw", "method=log&bits=5", "method=exp&axis=1"])
+def test_costlier_small_jobs_go_to_the_pool(client: TestClient, pool_jobs: list[str],
+                                            query: str) -> None:
+    x = np.random.default_rng(1).laplace(size=(1, 64, 8, 8)).astype(np.float32)
+    r = client.post(f"/v1/compress?{query}", content=npy(x), headers=NPY)
+    assert r.status_code == 200, r.text
+    client.post("/v1/decompress", content=r.content)
+    h = container.parse(r.content)  # an entropy-coded or compander stream decodes there too
+    costly = h.coding != container.CODING_RAW or not h.mapping.linear
+    assert pool_jobs == (["_compress", "_decompress"] if costly else ["_compress"])
+
+
+def test_jobs_on_larger_tensors_go_to_the_pool(pool_jobs: list[str]) -> None:
+    x = np.zeros((1, 65, 32, 32), np.float32)  # 266,240 bytes, just over the inline bound
+    x[0, :, 0, 0] = np.arange(65)
+    assert x.nbytes > routers.INLINE_MAX_BYTES
+    with TestClient(create_app(Settings())) as c:
+        r = c.post("/v1/compress", content=npy(x), headers=NPY)
+        d = c.post("/v1/decompress", content=r.content)  # a small stream, a large output
+    assert len(r.content) < routers.INLINE_MAX_BYTES
+    assert np.array_equal(np.load(io.BytesIO(d.content)), codec.decode(r.content))
+    assert pool_jobs == ["_compress", "_decompress"]
+
+
+def test_alone_counts_the_v1_requests_in_flight() -> None:
+    seen: list[bool] = []
+    gate = asyncio.Event()
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(limits.alone(Request(scope)))
+        if len(seen) == 1:
+            await gate.wait()  # the first request stays in flight
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = limits.LimitsMiddleware(app, Settings())
+
+    async def call(path: str) -> None:
+        scope = {"type": "http", "path": path, "headers": [], "query_string": b""}
+
+        async def receive():  # type: ignore[no-untyped-def]
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):  # type: ignore[no-untyped-def]
+            pass
+
+        await middleware(scope, receive, send)
+
+    async def run() -> None:
+        first = asyncio.create_task(call("/v1/a"))
+        while not seen:
+            await asyncio.sleep(0)
+        await call("/v1/b")  # while /v1/a is in flight
+        gate.set()
+        await first
+        await call("/v1/c")
+
+    asyncio.run(run())
+    assert seen == [True, False, True]
+    assert not limits.alone(Request({"type": "http", "headers": []}))  # no middleware
 
 
 class _Transport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from math import prod
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from .. import bodies, options
 from ..metrics import SNR_SAMPLE, STATE_KEY, observe_compression, snr_enabled
 from ..problems import (BodyTooLarge, InvalidParameters, MalformedBitstream, ServiceUnavailable,
                         UnsupportedMediaType, responses)
-from . import offload, settings_of
+from . import may_inline, offload, settings_of
 
 router = APIRouter(prefix="/v1", tags=["codec"])
 
@@ -48,6 +49,13 @@ _ENCODE_QUERY = ("entropy", "predictor", "clip", "percentile", "target_bits", "m
                  "target_snr_db")
 _FIXED_QUERY = frozenset({"method", "bits", "axis", *_ENCODE_QUERY})
 _ENCODE_DOC = codec.api.ENCODE_OPTIONS
+
+
+@cache
+def _linear_methods() -> frozenset[str]:
+    """The uniform quantizers: the only methods cheap enough to run on the event loop
+    (a compander's transcendental math costs ~5x more)."""
+    return frozenset(m["name"] for m in codec.methods() if m["linear"])
 
 
 def _set_method_label(request: Request, method: str) -> None:
@@ -119,7 +127,7 @@ def _measure(arr: np.ndarray, blob: bytes) -> str:
 
 def _compress(kind: str, body: list[list[bytes]], max_elements: int, method: str, bits: int,
               axis: int | None, params: dict[str, Any]) -> tuple[bytes, int, str]:
-    """Parse, encode and measure as one thread-pool job: (stream, input bytes, method).
+    """Parse, encode and measure as one job: (stream, input bytes, method).
     ``body`` holds the only other reference to the request body's chunks, popped so that
     they can be freed once parsed (the array is a copy of them for .npy)."""
     arr = bodies.decode_tensor(kind, body.pop(), max_elements)
@@ -127,14 +135,21 @@ def _compress(kind: str, body: list[list[bytes]], max_elements: int, method: str
     return blob, arr.nbytes, _measure(arr, blob)
 
 
-def _header(blob: bytes, max_elements: int, max_bytes: int) -> container.Header:
-    """The stream's header, refusing before any work a tensor larger than the body limit:
-    a coded stream of a constant tensor is a few bytes whatever its size, so only the
-    header bounds what decoding allocates."""
-    try:  # without the CRC, which decoding checks; errors come from the full parse below
-        h: container.Header | None = container.parse(blob, max_elements, verify=False)
+def _peek(blob: bytes, max_elements: int) -> container.Header | None:
+    """The stream's header unverified, or None if it does not parse (the job says why)."""
+    try:
+        return container.parse(blob, max_elements, verify=False)
     except (TypeError, ValueError):
-        h = None
+        return None
+
+
+def _header(blob: bytes, max_elements: int, max_bytes: int,
+            h: container.Header | None = None) -> container.Header:
+    """The stream's header (``h`` if already parsed by :func:`_peek`), refusing before any
+    work a tensor larger than the body limit: a coded stream of a constant tensor is a
+    few bytes whatever its size, so only the header bounds what decoding allocates."""
+    if h is None:  # without the CRC, which decoding checks; errors come from the full parse
+        h = _peek(blob, max_elements)
     if h is None or h.size * h.dtype.itemsize > max_bytes:
         h = container.parse(blob, max_elements)  # a corrupt stream is a 400, not a 413
         out_bytes = h.size * h.dtype.itemsize
@@ -144,13 +159,13 @@ def _header(blob: bytes, max_elements: int, max_bytes: int) -> container.Header:
     return h
 
 
-def _decompress(blob: bytes, max_elements: int, max_bytes: int,
-                kind: str) -> tuple[bytes, int, str]:
-    """Decode and serialize as one thread-pool job: (response body, tensor bytes, method).
+def _decompress(blob: bytes, max_elements: int, max_bytes: int, kind: str,
+                h: container.Header | None) -> tuple[bytes, int, str]:
+    """Decode and serialize as one job: (response body, tensor bytes, method).
     The tensor is decoded straight into the response body (its size is bounded by
     :func:`_header`; decode verifies the stream before writing into it)."""
     try:
-        h = _header(blob, max_elements, max_bytes)
+        h = _header(blob, max_elements, max_bytes, h)
         body = bodies.fill_tensor(kind, h.shape, h.dtype, lambda out: codec.decode(
             blob, max_elements=max_elements, out=out))
     except MemoryError:
@@ -229,8 +244,10 @@ async def compress(
     _set_method_label(request, method)
     settings = settings_of(request)
     body = [await bodies.read_chunks(request, settings.max_body_bytes)]
+    plain = method in _linear_methods() and all(v is None for v in encode_opts.values())
+    inline = plain and may_inline(request, sum(map(len, body[0])))
     blob, nbytes, chosen = await offload(_compress, kind, body, settings.max_elements,
-                                         method, bits, axis, params)
+                                         method, bits, axis, params, inline=inline)
     _set_method_label(request, chosen)  # method=auto: the chosen one
     return Response(blob, media_type=bodies.OCTET_STREAM,
                     headers={"X-Original-Bytes": str(nbytes),
@@ -253,8 +270,11 @@ async def decompress(request: Request) -> Response:
     blob = await _read_bitstream(request)
     settings = settings_of(request)
     kind = bodies.NPY if out_type == bodies.NPY else bodies.MSGPACK
+    h = _peek(blob, settings.max_elements) if may_inline(request, len(blob)) else None
+    inline = h is not None and h.mapping.linear and h.coding == container.CODING_RAW and \
+        may_inline(request, h.size * h.dtype.itemsize)
     payload, nbytes, method = await offload(_decompress, blob, settings.max_elements,
-                                            settings.max_body_bytes, kind)
+                                            settings.max_body_bytes, kind, h, inline=inline)
     _set_method_label(request, method)
     return Response(payload, media_type=out_type,
                     headers={"X-Original-Bytes": str(nbytes),
