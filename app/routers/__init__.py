@@ -17,8 +17,8 @@ T = TypeVar("T")
 
 # A job on a tensor this small runs on the event loop itself when its request is the only
 # /v1 request in flight: the hand-off to the pool and back costs two thread wake-ups,
-# ~0.5 ms (12-15 % of a 200 KB round trip, measured), more than plain quantization of
-# that much data, and with no other request in flight the loop has nothing else to do.
+# more than plain quantization of that much data, and with no other request in flight
+# the loop has nothing else to do.
 INLINE_MAX_BYTES = 256 * 1024
 
 
