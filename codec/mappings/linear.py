@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from . import uniform
-from .base import (Mapping, Param, Params, as_param, below_overflow, channels, code_range,
+from .base import (Param, Params, as_param, below_overflow, channels, code_range,
                    every, fit_ops, min_max, positive_scale, scalars, some)
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
-class Linear(Mapping):
+class Linear(uniform.UniformMapping):
     name = "linear"
     id = 1
     linear = True
@@ -80,27 +80,7 @@ class Linear(Mapping):
         if some(zp < lo) or some(zp > hi):
             raise ValueError(f"zero_point must lie in the code range [{lo}, {hi}]")
 
-    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
-                 x_range: tuple[float, float] | None = None) -> np.ndarray:
+    def grid(self, params: Params, bits: int, signed: bool, restricted: bool
+             ) -> tuple[np.ndarray, int, int]:
         lo, hi = code_range(bits, signed)
-        return uniform.quantize(x, params["scale"], params["zero_point"], lo, hi, axis,
-                                np.dtype(np.int8 if signed else np.uint8), out, x_range)
-
-    def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
-        return uniform.dequantize(codes, params["scale"], params["zero_point"], axis, out)
-
-    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
-                        restricted: bool, out: np.ndarray,
-                        x_range: tuple[float, float] | None = None) -> None:
-        lo, hi = code_range(8, signed)
-        off = 128 if signed else 0  # folded into z: no separate pass flips the top bit
-        zp = uniform.stored_zero_point(params["zero_point"], signed)
-        uniform.quantize(x, params["scale"], zp, lo + off, hi + off, axis, np.dtype(np.uint8),
-                         out, x_range)
-
-    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
-                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
-        zp = uniform.stored_zero_point(params["zero_point"], signed)
-        uniform.dequantize(stored, params["scale"], zp, axis, out)
+        return params["zero_point"], lo, hi

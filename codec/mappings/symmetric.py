@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 
 from . import uniform
-from .base import (Mapping, Param, Params, as_param, below_overflow, channels, code_range,
+from .base import (Param, Params, as_param, below_overflow, channels, code_range,
                    every, fit_ops, has_negative, min_max, positive_scale, scalars, some)
 
+_ZERO = np.zeros((), np.int16)
 
-class Symmetric(Mapping):
+
+class Symmetric(uniform.UniformMapping):
     name = "symmetric"
     id = 2
     linear = True
@@ -54,31 +56,7 @@ class Symmetric(Mapping):
         if not every(np.isfinite(params["scale"]) & (params["scale"] > 0)):
             raise ValueError("scale must be finite and > 0")
 
-    def _range(self, bits: int, signed: bool, restricted: bool) -> tuple[int, int]:
+    def grid(self, params: Params, bits: int, signed: bool, restricted: bool
+             ) -> tuple[np.ndarray, int, int]:
         lo, hi = code_range(bits, signed)
-        return (lo + 1 if signed and restricted else lo), hi
-
-    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
-                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
-                 x_range: tuple[float, float] | None = None) -> np.ndarray:
-        lo, hi = self._range(bits, signed, restricted)
-        return uniform.quantize(x, params["scale"], np.zeros((), np.int16), lo, hi, axis,
-                                np.dtype(np.int8 if signed else np.uint8), out, x_range)
-
-    def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
-                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
-        return uniform.dequantize(codes, params["scale"], np.zeros((), np.int16), axis, out)
-
-    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
-                        restricted: bool, out: np.ndarray,
-                        x_range: tuple[float, float] | None = None) -> None:
-        lo, hi = self._range(8, signed, restricted)
-        off = 128 if signed else 0  # folded into z: no separate pass flips the top bit
-        zp = uniform.stored_zero_point(np.zeros((), np.int16), signed)
-        uniform.quantize(x, params["scale"], zp, lo + off, hi + off, axis, np.dtype(np.uint8),
-                         out, x_range)
-
-    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
-                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
-        zp = uniform.stored_zero_point(np.zeros((), np.int16), signed)
-        uniform.dequantize(stored, params["scale"], zp, axis, out)
+        return _ZERO, (lo + 1 if signed and restricted else lo), hi

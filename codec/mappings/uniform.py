@@ -1,4 +1,5 @@
-"""The uniform quantizer every linear mapping ends in, with ONNX rounding.
+"""The uniform quantizer every linear mapping ends in, with ONNX rounding, and
+:class:`UniformMapping`, the base of those mappings.
 
 Codes are ``saturate(rint(x / scale) + zero_point)``: divide in float32,
 round half to even, *then* add the zero point (onnxruntime and PyTorch do
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .base import Mapping, Params
 from .blocks import CHUNK, iter_blocks, pick
 
 # Elements per block of the per-tensor loops: numpy's ~1-3 µs per call matter more
@@ -91,13 +93,6 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: int, 
     return out
 
 
-def stored_zero_point(zero_point: np.ndarray, signed: bool) -> np.ndarray:
-    """The zero point of 8-bit codes as the stream stores them (signed ones + 128): with
-    it, :func:`quantize` and :func:`dequantize` work on the stored bytes directly, with
-    the same codes and values (the offset is an exact integer in either direction)."""
-    return np.asarray(zero_point).astype(np.int16) + (128 if signed else 0)
-
-
 def _clamp_needed(x_range: tuple[float, float] | None, scale: np.float32,
                   bounds_lo: np.float32, bounds_hi: np.float32) -> bool:
     """Whether clamping x/scale to [bounds_lo, bounds_hi] can change anything.
@@ -144,3 +139,40 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
             np.subtract(o, z, out=o)
         np.multiply(o, s, out=o)
     return out
+
+
+class UniformMapping(Mapping):
+    """A mapping whose codes are ``clamp(lo, hi, rint(x / scale) + z)``: the kernels above
+    do all its quantizing; a subclass says where its grid lies (:meth:`grid`)."""
+
+    def grid(self, params: Params, bits: int, signed: bool, restricted: bool
+             ) -> tuple[np.ndarray, int, int]:
+        """(zero point, lowest code, highest code)."""
+        raise NotImplementedError
+
+    def quantize(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                 params: Params, restricted: bool = False, out: np.ndarray | None = None,
+                 x_range: tuple[float, float] | None = None) -> np.ndarray:
+        z, lo, hi = self.grid(params, bits, signed, restricted)
+        return quantize(x, params["scale"], z, lo, hi, axis,
+                        np.dtype(np.int8 if signed else np.uint8), out, x_range)
+
+    def dequantize(self, codes: np.ndarray, bits: int, axis: int | None, signed: bool,
+                   params: Params, out: np.ndarray | None = None) -> np.ndarray:
+        z = self.grid(params, bits, signed, False)[0]
+        return dequantize(codes, params["scale"], z, axis, out)
+
+    # The stream stores a signed 8-bit code + 128: folded into z, that offset costs no
+    # pass of its own (and is exact: an integer, in either direction).
+    def quantize_stored(self, x: np.ndarray, axis: int | None, signed: bool, params: Params,
+                        restricted: bool, out: np.ndarray,
+                        x_range: tuple[float, float] | None = None) -> None:
+        z, lo, hi = self.grid(params, 8, signed, restricted)
+        off = 128 if signed else 0
+        quantize(x, params["scale"], np.asarray(z).astype(np.int16) + off, lo + off, hi + off,
+                 axis, np.dtype(np.uint8), out, x_range)
+
+    def dequantize_stored(self, stored: np.ndarray, axis: int | None, signed: bool,
+                          params: Params, out: np.ndarray, scratch: np.ndarray | None) -> None:
+        z = np.asarray(self.grid(params, 8, signed, False)[0]).astype(np.int16)
+        dequantize(stored, params["scale"], z + (128 if signed else 0), axis, out)
