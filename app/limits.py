@@ -33,12 +33,11 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .problems import (PROBLEM_JSON, TYPE_PREFIX, HeadersTooLarge, MalformedRequest, Overloaded,
+from .problems import (PROBLEM_JSON, HeadersTooLarge, MalformedRequest, Overloaded,
                        ProblemError, RequestTimeout, responses)
 from .settings import Settings
 
@@ -92,10 +91,8 @@ class LimitsMiddleware:
     async def _overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = (f"{self.in_flight} requests in progress, the limit is {self.capacity} "
                   f"(FEATCODEC_MAX_CONCURRENCY + FEATCODEC_MAX_QUEUE); retry later")
-        body = {"type": TYPE_PREFIX + Overloaded.slug, "title": Overloaded.title,
-                "status": Overloaded.status, "detail": detail, "instance": scope["path"]}
-        response = JSONResponse(jsonable_encoder(body), status_code=Overloaded.status,
-                                media_type=PROBLEM_JSON,
+        response = JSONResponse(Overloaded(detail).document(scope["path"]),
+                                status_code=Overloaded.status, media_type=PROBLEM_JSON,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         await response(scope, receive, send)
 
@@ -268,8 +265,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """A problem document, then a lingering close: the parser cannot go on after an
         error, but closing with unread input would reset the connection, and the reset
         can destroy the answer before the client reads it."""
-        body = json.dumps({"type": TYPE_PREFIX + problem.slug, "title": problem.title,
-                           "status": problem.status, "detail": problem.detail}).encode()
+        body = json.dumps(problem.document()).encode()
         head = (f"HTTP/1.1 {problem.status} {problem.title}\r\n"
                 f"content-type: {PROBLEM_JSON}\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")

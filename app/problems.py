@@ -48,6 +48,14 @@ class ProblemError(Exception):
         self.detail = detail
         self.headers = headers
 
+    def document(self, instance: str | None = None) -> dict[str, Any]:
+        """This error's problem document (the body of its response)."""
+        doc: dict[str, Any] = {"type": TYPE_PREFIX + self.slug, "title": self.title,
+                               "status": self.status, "detail": self.detail}
+        if instance is not None:
+            doc["instance"] = instance
+        return doc
+
 
 class MalformedBody(ProblemError):
     status, slug, title = 400, "malformed-body", "Malformed request body"

@@ -530,6 +530,26 @@ def request_head(method: str, path: str, **headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def send_until_answered(server: Server, sock: socket.socket, piece: bytes, limit: int
+                        ) -> tuple[Reply | None, int, int]:
+    """Send ``piece`` up to ``limit`` times, until the server answers or stops reading:
+    (its reply, pieces sent, the peak of the server's RSS seen meanwhile)."""
+    peak, sent, reply = rss(server.proc.pid), 0, None
+    while sent < limit:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            reply = read_reply(sock)
+            break
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += 1
+        if sent % 16 == 0:
+            peak = max(peak, rss(server.proc.pid))
+    return reply, sent, max(peak, rss(server.proc.pid))
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -735,20 +755,11 @@ def test_endless_header_is_cut_off_without_buffering(guarded: Server) -> None:
     """One header value that never ends, sent in 64 KiB pieces: the parser would keep it
     whole in memory until its end, so the server must stop reading long before."""
     before = rss(guarded.proc.pid)
-    piece, sent, reply = b"v" * 65536, 0, None
+    piece = b"v" * 65536
     with connect(guarded) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
-        while sent < 2**30:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable:
-                reply = read_reply(sock)
-                break
-            try:
-                sock.sendall(piece)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(piece)
-        peak = rss(guarded.proc.pid)
+        reply, pieces, peak = send_until_answered(guarded, sock, piece, 2**30 // len(piece))
+    sent = pieces * len(piece)
     assert reply is not None and reply.status == 431, "no 431 before the client gave up"
     assert sent < 64 * 2**20, f"the server read {sent} bytes of one header"
     assert peak - before < 32 * 2**20, f"server RSS grew by {(peak - before) >> 20} MiB"
@@ -808,24 +819,12 @@ def test_huge_chunked_body_is_cut_off_without_buffering(guarded: Server) -> None
     before = rss(guarded.proc.pid)
     chunk = b"\xab" * (256 * 1024)
     framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-    sent, total, reply = 0, 2**30, None
+    total = 2**30
     with connect(guarded) as sock:
         sock.sendall(request_head("POST", "/v1/decompress", Transfer_Encoding="chunked",
                                   Content_Type="application/octet-stream"))
-        peak = before
-        while sent < total:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable:
-                reply = read_reply(sock)
-                break
-            try:
-                sock.sendall(framed)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += len(chunk)
-            if sent % (16 * len(chunk)) == 0:
-                peak = max(peak, rss(guarded.proc.pid))
-        peak = max(peak, rss(guarded.proc.pid))
+        reply, pieces, peak = send_until_answered(guarded, sock, framed, total // len(chunk))
+    sent = pieces * len(chunk)
     assert reply is not None and reply.status == 413, "no 413 before the client gave up"
     assert "exceeds the limit" in reply.json()["detail"]
     assert sent < total // 4, f"the server read {sent} bytes of a body over an 8 MiB limit"
