@@ -6,7 +6,7 @@ import functools
 import io
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from itertools import accumulate
 from math import prod
 from typing import Any, NoReturn
@@ -28,6 +28,8 @@ TENSOR_TYPES = (NPY, MSGPACK)
 MAX_NDIM = 64  # the bitstream's own limit on dimensions
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 10_000  # bytes: numpy's own default limit (max_header_size)
+# magic, version, header length and header: the most a .npy preamble can take
+_NPY_PREAMBLE_MAX = len(_NPY_MAGIC) + 2 + 4 + _NPY_MAX_HEADER
 _DETAIL_MAX = 300
 # Float dtypes only; no prefix means little-endian, as the wire format is explicit.
 _MSGPACK_DTYPE = re.compile(r"([<>]?)(float16|float32|float64|f2|f4|f8)")
@@ -47,20 +49,73 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_chunks(request: Request, limit: int) -> list[bytes]:
     """The body as received (refused as :func:`read_body` does), for parsing in the thread
     pool rather than copying it whole on the event loop."""
-    declared = request.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
+    return [chunk async for chunk in _chunks(request, limit)]
+
+
+async def _chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, refused as soon as it is known to exceed ``limit``."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
         raise BodyTooLarge(f"Content-Length {declared} exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
     total = 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:  # chunked or lying Content-Length: stop reading now
                 raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+            if chunk:
+                yield chunk
     except ClientDisconnect:  # nobody will read the answer; keep it out of the 500s
         raise MalformedBody("the client disconnected before the body was complete") from None
-    return chunks
+
+
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length", "").strip()
+    return int(declared) if declared.isdigit() else None
+
+
+async def receive_npy(request: Request, limit: int, max_elements: int) -> np.ndarray:
+    """A .npy body as an array, as :func:`decode_npy` makes it, but with each chunk copied
+    into the array as it arrives rather than after the whole body: the header, in the first
+    chunks, is checked and the array allocated before the data is read, so a bad header is
+    refused unread and the copy overlaps the transfer instead of following it."""
+    chunks = _chunks(request, limit)
+    declared = _declared_length(request)
+    head: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size >= _NPY_PREAMBLE_MAX and size != declared:  # more to come
+            break
+    else:  # the whole body is in hand (a small one): maybe a view of it, no copy
+        return decode_npy(head, max_elements)
+    fp = _ChunkFile(head)
+    shape, fortran, dtype, count = _checked_npy_header(fp, max_elements)
+    nbytes = count * dtype.itemsize
+    if fp.tell() + nbytes > limit:
+        raise BodyTooLarge(f".npy of {fp.tell() + nbytes} bytes exceeds the limit of {limit} "
+                           "bytes")
+    out = np.empty(count, dtype)
+    flat = out.view(np.uint8)
+    done = 0
+    for part in fp.parts(fp.size):  # the data that came with the header
+        done = _place(flat, done, part)
+    async for chunk in chunks:
+        done = _place(flat, done, chunk)
+    if done != nbytes:
+        raise MalformedBody(f".npy data is {done} bytes, header declares {nbytes}")
+    return out.reshape(shape[::-1]).T if fortran else out.reshape(shape)
+
+
+def _place(flat: np.ndarray, done: int, data: bytes | memoryview) -> int:
+    """Copy ``data`` into ``flat`` at ``done``; the new end."""
+    end = done + len(data)
+    if end > flat.size:
+        raise MalformedBody(f".npy data is longer than the {flat.size} bytes its header "
+                            "declares")
+    flat[done:end] = np.frombuffer(data, np.uint8)
+    return end
 
 
 def _quality(offer: str, ranges: list[tuple[str, float]]) -> float:
@@ -129,7 +184,7 @@ class _ChunkFile:
         self.size = self._ends[-1] if self._ends else 0
         self._pos = 0
 
-    def _parts(self, stop: int) -> Iterator[memoryview]:
+    def parts(self, stop: int) -> Iterator[memoryview]:
         """The bytes from the current position to ``stop``, chunk by chunk (advancing)."""
         i = bisect_right(self._ends, self._pos)
         while self._pos < stop:
@@ -140,7 +195,7 @@ class _ChunkFile:
             yield part
 
     def read(self, n: int = -1) -> bytes:
-        return b"".join(self._parts(self.size if n < 0 else min(self.size, self._pos + n)))
+        return b"".join(self.parts(self.size if n < 0 else min(self.size, self._pos + n)))
 
     def rest(self, dtype: np.dtype, count: int) -> np.ndarray:
         """The ``count`` elements from the current position to the end: a read-only view
@@ -154,7 +209,7 @@ class _ChunkFile:
         out = np.empty(count, dtype)
         flat = out.view(np.uint8)
         done = 0
-        for part in self._parts(self.size):
+        for part in self.parts(self.size):
             flat[done: done + len(part)] = np.frombuffer(part, np.uint8)
             done += len(part)
         return out
@@ -195,18 +250,26 @@ def _npy_header(fp: _ChunkFile) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise MalformedBody(f"invalid .npy header: {_short(exc)}") from None
 
 
-def decode_npy(body: bytes | Sequence[bytes], max_elements: int) -> np.ndarray:
-    """A .npy body (or its chunks) as an array, built from the checked header with no
-    np.load (so never a pickle): a read-only view of the body when its data lies aligned in
-    one chunk, else one copy. The header is checked before anything is allocated."""
-    fp = _ChunkFile([body] if isinstance(body, bytes) else body)
+def _checked_npy_header(fp: _ChunkFile, max_elements: int
+                        ) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, element count) of the .npy preamble at the start of
+    ``fp`` (left at the first data byte), refused unless it is a plain tensor of at most
+    ``max_elements`` elements."""
     shape, fortran, dtype = _npy_header(fp)
     if dtype.hasobject:
         raise MalformedBody(".npy files holding Python objects (pickles) are not accepted")
     if dtype.names is not None or dtype.subdtype is not None:
         raise InvalidParameters(f"structured dtype {dtype} is not supported; "
                                 "use float16, float32 or float64")
-    count = _check_count(shape, max_elements)
+    return shape, fortran, dtype, _check_count(shape, max_elements)
+
+
+def decode_npy(body: bytes | Sequence[bytes], max_elements: int) -> np.ndarray:
+    """A .npy body (or its chunks) as an array, built from the checked header with no
+    np.load (so never a pickle): a read-only view of the body when its data lies aligned in
+    one chunk, else one copy. The header is checked before anything is allocated."""
+    fp = _ChunkFile([body] if isinstance(body, bytes) else body)
+    shape, fortran, dtype, count = _checked_npy_header(fp, max_elements)
     if fp.size - fp.tell() != count * dtype.itemsize:
         raise MalformedBody(f".npy data is {fp.size - fp.tell()} bytes, header declares "
                             f"{count * dtype.itemsize}")

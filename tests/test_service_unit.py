@@ -10,6 +10,7 @@ import socket
 import warnings
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -24,7 +25,8 @@ from app import bodies, limits, options, routers
 from app.cli import main
 from app.main import create_app
 from app.metrics import SNR_SAMPLE
-from app.problems import InvalidParameters, NotAcceptable, ProblemError
+from app.problems import (BodyTooLarge, InvalidParameters, MalformedBody, NotAcceptable,
+                          ProblemError)
 from app.routers import codec as codec_routes
 from app.settings import Settings
 from conftest import peak_memory
@@ -238,10 +240,12 @@ def _split(body: bytes, cuts: list[int]) -> list[bytes]:
     return [body[a:b] for a, b in zip(edges, edges[1:])]
 
 
-def test_bodies_sent_in_chunks(client: TestClient) -> None:
-    x = np.random.default_rng(3).standard_normal((2, 3, 40)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(2, 3, 40), (4, 1000)], ids=["whole", "streamed"])
+def test_bodies_sent_in_chunks(client: TestClient, shape: tuple[int, ...]) -> None:
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     for content, headers in ((npy(x), NPY), (bodies.encode_msgpack(x), MSGPACK)):
-        r = client.post("/v1/compress?bits=6", content=iter(_split(content, [1, 7, 70, 71, 400])),
+        cuts = [1, 7, 70, 71, 400, 11_000, 13_001]
+        r = client.post("/v1/compress?bits=6", content=iter(_split(content, cuts)),
                         headers=headers)
         assert r.status_code == 200, r.text
         assert r.content == codec.encode(x, bits=6)
@@ -270,6 +274,79 @@ def test_npy_chunks_parse_as_the_joined_body(body: bytes, cuts: list[int]) -> No
         return arr.dtype, arr.shape, arr.tobytes()
 
     assert outcome(_split(body, cuts)) == outcome(body)
+
+
+class _Upload:
+    """What :func:`bodies.receive_npy` uses of a request: its headers, and its body arriving
+    chunk by chunk (made as they are read, as a server makes them)."""
+
+    def __init__(self, body: bytes, cuts: list[int], declared: bool = True) -> None:
+        self.edges = [0, *sorted(min(c, len(body)) for c in cuts), len(body)]
+        self.body = body
+        self.headers = {"content-length": str(len(body))} if declared else {}
+        self.read = 0  # bytes handed out
+
+    async def stream(self) -> Any:
+        for a, b in zip(self.edges, self.edges[1:]):
+            self.read = b
+            yield self.body[a:b]  # a new bytes object, like a server's chunk
+        yield b""
+
+
+def _received(upload: _Upload, limit: int = 1 << 20, max_elements: int = 4096) -> Any:
+    return asyncio.run(bodies.receive_npy(upload, limit, max_elements))  # type: ignore[arg-type]
+
+
+_BIG_NPY = [npy(np.arange(5000, dtype="<f4").reshape(50, 100)),
+            npy(np.asfortranarray(np.arange(3000, dtype=">f8").reshape(60, 50))),
+            npy(np.arange(5000, dtype="<f4"))[:-3], npy(np.arange(5000, dtype="<f4")) + b"x",
+            npy(np.arange(5000, dtype="<i4")), npy(np.arange(9000, dtype="<f4"))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.sampled_from(_NPY_BODIES + _BIG_NPY), cuts=st.lists(st.integers(0, 40_000),
+                                                                     max_size=8),
+       declared=st.booleans())
+def test_npy_received_chunk_by_chunk_parses_as_the_joined_body(body: bytes, cuts: list[int],
+                                                               declared: bool) -> None:
+    """Streamed into its array as it arrives, a .npy body gives decode_npy's array, or its
+    kind of error (refused early when the data runs past what the header declares)."""
+    def outcome(fn: Any) -> tuple[object, ...]:
+        try:
+            arr = fn()
+        except ProblemError as exc:
+            return (type(exc),)
+        return arr.dtype, arr.shape, arr.tobytes()
+
+    want = outcome(lambda: bodies.decode_npy(body, 8192))
+    assert outcome(lambda: _received(_Upload(body, cuts, declared), max_elements=8192)) == want
+
+
+def test_npy_stream_is_refused_before_the_rest_arrives() -> None:
+    x = np.arange(9000, dtype="<f4")
+    cuts = list(range(16_384, 40_000, 4096))
+    long = _Upload(npy(x)[:16_384] + npy(x)[:16_384] * 2, cuts)  # data past the header's
+    with pytest.raises(MalformedBody, match="longer than"):
+        _received(long, max_elements=9000)
+    assert long.read < len(long.body)
+    many = _Upload(npy(x), cuts)  # 9000 elements, 4096 allowed: refused from the header
+    with pytest.raises(BodyTooLarge):
+        _received(many)
+    assert many.read < len(many.body)
+    over = _Upload(npy(x), cuts, declared=False)  # fits max_elements, not the byte limit
+    with pytest.raises(BodyTooLarge):
+        _received(over, limit=30_000, max_elements=9000)
+    assert over.read < len(over.body)
+
+
+def test_npy_stream_holds_one_copy_of_the_tensor() -> None:
+    """Chunks go into the array as they come: peak memory is the array, not the body
+    and the array (as reading every chunk before parsing would take)."""
+    x = np.arange(1 << 18, dtype="<f4")  # 1 MiB
+    upload = _Upload(npy(x), list(range(0, 1 << 20, 65536)))
+    peak, exc = peak_memory(_received, upload, 2 << 20, 1 << 18)
+    assert exc is None
+    assert peak < 1.2 * x.nbytes, peak
 
 
 @pytest.mark.parametrize("x", [

@@ -125,12 +125,14 @@ def _measure(arr: np.ndarray, blob: bytes) -> str:
     return h.mapping.name
 
 
-def _compress(kind: str, body: list[list[bytes]], max_elements: int, method: str, bits: int,
+def _compress(kind: str, body: list[Any], max_elements: int, method: str, bits: int,
               axis: int | None, params: dict[str, Any]) -> tuple[bytes, int, str]:
-    """Parse, encode and measure as one job: (stream, input bytes, method).
-    ``body`` holds the only other reference to the request body's chunks, popped so that
-    they can be freed once parsed (the array is a copy of them for .npy)."""
-    arr = bodies.decode_tensor(kind, body.pop(), max_elements)
+    """Parse (MessagePack), encode and measure as one job: (stream, input bytes, method).
+    ``body`` holds the only other reference to the request's tensor, popped so that it can
+    be freed early: the array itself for .npy (parsed as it arrived), else the body's chunks."""
+    arr = body.pop()
+    if kind != bodies.NPY:
+        arr = bodies.decode_tensor(kind, arr, max_elements)
     blob = _encode(arr, method, bits, axis, params)
     return blob, arr.nbytes, _measure(arr, blob)
 
@@ -243,9 +245,15 @@ async def compress(
     params.update({k: v for k, v in encode_opts.items() if v is not None})
     _set_method_label(request, method)
     settings = settings_of(request)
-    body = [await bodies.read_chunks(request, settings.max_body_bytes)]
+    if kind == bodies.NPY:
+        body: list[Any] = [await bodies.receive_npy(request, settings.max_body_bytes,
+                                                    settings.max_elements)]
+        size = body[0].nbytes
+    else:
+        body = [await bodies.read_chunks(request, settings.max_body_bytes)]
+        size = sum(map(len, body[0]))
     plain = method in _linear_methods() and all(v is None for v in encode_opts.values())
-    inline = plain and may_inline(request, sum(map(len, body[0])))
+    inline = plain and may_inline(request, size)
     blob, nbytes, chosen = await offload(_compress, kind, body, settings.max_elements,
                                          method, bits, axis, params, inline=inline)
     _set_method_label(request, chosen)  # method=auto: the chosen one
