@@ -445,6 +445,93 @@ def test_compander_table_is_used_for_large_tensors() -> None:
                 mapping.quantize(v, 4, None, is_signed, params, x_range=x_range), want)
 
 
+@pytest.fixture
+def fresh_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No code table built or pending yet, and tables worth building from 1000 elements."""
+    monkeypatch.setattr(compander, "_TABLES", {})
+    monkeypatch.setattr(compander, "_PENDING", {})
+    monkeypatch.setattr(compander, "LUT_MIN_SIZE", 1000)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_mulaw_codes_of_every_channel_come_from_one_shared_table(
+        fresh_tables, monkeypatch: pytest.MonkeyPatch, bits: int, signed: bool) -> None:
+    """μ-law codes are one step function of x·μ/r: one table, built once for μ, codes
+    every channel and every tensor (per-tensor ones below the size of their own table)."""
+    mapping = get("mulaw")
+    if not mapping.bit_range(signed)[0] <= bits:
+        return
+    calls = {"direct": 0, "shared": 0}
+    direct, shared = mapping._quantize_direct, blocks.CodeTable.quantize_scaled
+    monkeypatch.setattr(mapping, "_quantize_direct",  # on the data, not on a table's probes
+                        lambda v, *a, **k: calls.__setitem__("direct", calls["direct"]
+                                                             + (v.shape in shapes))
+                        or direct(v, *a, **k))
+    monkeypatch.setattr(blocks.CodeTable, "quantize_scaled",
+                        lambda *a, **k: calls.__setitem__("shared", calls["shared"] + 1)
+                        or shared(*a, **k))
+    rng = np.random.default_rng(bits * 2 + signed)
+    shapes = [(3, 5, 67), (2, 64, 3), (1, 16, 7, 7), (700,)]
+    for shape in shapes:
+        x = data(rng, shape)
+        x.reshape(-1)[:4] = [np.inf, -np.inf, -F32.max, F32.max]  # saturate like the reference
+        for axis in axes(shape):
+            _, params = mapping.fit(np.nan_to_num(x), bits, axis, signed, {})
+            want = ref_compander_quantize(mapping, x, bits, axis, signed, params)
+            got = mapping.quantize(x, bits, axis, signed, params)
+            np.testing.assert_array_equal(got, want, err_msg=f"{shape} axis={axis}")
+    shared_keys = [k for k, v in compander._TABLES.items()
+                   if v is not None and dict((n, b) for n, _, b in k[3]).get("max_abs")
+                   == np.float32(255).tobytes()]  # r = μ: the table of x·μ/r
+    assert len(shared_keys) == 1 and calls["shared"] > 0  # ...built once it pays
+    assert calls["direct"] <= 2  # the calls before: 700 elements would not pay for it
+
+
+def test_shared_table_is_built_once_the_work_asked_of_it_pays(fresh_tables) -> None:
+    mapping = get("mulaw")
+    x = data(np.random.default_rng(4), (700,))
+    _, params = mapping.fit(x, 4, None, True, {})
+    want = ref_compander_quantize(mapping, x, 4, None, True, params)
+    np.testing.assert_array_equal(mapping.quantize(x, 4, None, True, params), want)
+    assert not compander._TABLES and list(compander._PENDING.values()) == [700]
+    np.testing.assert_array_equal(mapping.quantize(x, 4, None, True, params), want)
+    assert len(compander._TABLES) == 1 and not compander._PENDING  # 1400 elements: built
+
+
+def test_mulaw_channels_without_a_float32_factor_are_coded_directly(fresh_tables) -> None:
+    """μ/r past float32's normal range (a subnormal r) keeps the direct path, exactly."""
+    mapping = get("mulaw")
+    x = data(np.random.default_rng(5), (2, 3, 700))
+    x[:, 1] *= F32.smallest_subnormal  # that channel's values, and r, are subnormal
+    for signed in (False, True):
+        _, params = mapping.fit(x, 6, 1, signed, {})
+        assert mapping.input_scale(params) is None
+        np.testing.assert_array_equal(mapping.quantize(x, 6, 1, signed, params),
+                                      ref_compander_quantize(mapping, x, 6, 1, signed, params))
+    assert not any(compander._TABLES.values())
+
+
+@pytest.mark.parametrize("name", COMPANDERS)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_compander_direct_decoding_matches_its_table(name: str, bits: int) -> None:
+    """Element by element (small tensors, many channels) gives the table's floats: for
+    μ-law through its per-code part evaluated once per code."""
+    rng = np.random.default_rng(bits)
+    x = data(rng, (2, 9, 41))
+    for signed in (False, True):
+        for axis in (None, 1):
+            fitted = _params(name, x, bits, axis, signed)
+            if fitted is None:
+                continue
+            mapping, is_signed, params = fitted
+            codes = mapping.quantize(x, bits, axis, is_signed, params)
+            want = ref_lookup(mapping.table(bits, is_signed, params), codes, bits, is_signed,
+                              axis)
+            got = mapping._dequantize_direct(codes, bits, axis, is_signed, params)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 # --- bit packing with the signed offset -------------------------------------------------
 
 

@@ -435,6 +435,27 @@ class CodeTable:
             np.add(o8, ge.view(np.uint8), out=o8)
         return out
 
+    def quantize_scaled(self, x: np.ndarray, scale: np.ndarray, axis: int | None,
+                        out_dtype: np.dtype, out: np.ndarray | None = None,
+                        nonneg: bool = False) -> np.ndarray:
+        """Codes of the float32 products x·scale of a whole C-contiguous float32 tensor,
+        ``scale`` per tensor (0-d) or one per channel along ``axis``, block by block; the
+        products keep the sign of x, so ``nonneg`` (see :meth:`apply`) still holds."""
+        if out is None:
+            out = np.empty(x.shape, out_dtype)
+        xf, of = x.reshape(-1), out.reshape(-1)
+        step = min(xf.size, _TABLE_STEP)
+        buf = np.empty(step, np.float32)
+        scratch = _scratch(step)
+        with np.errstate(over="ignore"):  # |x|·scale past FLT_MAX is inf, as in the mapping
+            for start, stop, rows, cols, ch in iter_blocks(
+                    x.shape, None if np.ndim(scale) == 0 else axis, step):
+                t = buf[: stop - start]
+                np.multiply(xf[start:stop].reshape(rows, cols), pick(scale, ch),
+                            out=t.reshape(rows, cols))
+                self.apply(t, of[start:stop], scratch, nonneg)
+        return out
+
     def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None,
                  nonneg: bool = False) -> np.ndarray:
         """Codes of a whole C-contiguous float32 tensor, block by block (``nonneg``: see

@@ -23,6 +23,9 @@ from .blocks import CHUNK, LUT_MIN_SIZE, CodeTable, iter_blocks, pick
 # by method, bits, sign and parameters.
 _TABLES: dict[tuple[Any, ...], CodeTable | None] = {}
 _TABLES_MAX = 8
+# Elements coded directly so far under the key of a shared table not built yet: it is built
+# once they pass LUT_MIN_SIZE, about what building costs (see Compander.input_scale).
+_PENDING: dict[tuple[Any, ...], int] = {}
 _TABLES_LOCK = threading.Lock()
 _SMALL_TABLE = 4096  # entries: a table this small is always cheaper than direct decoding
 
@@ -38,8 +41,30 @@ class Compander(Mapping):
         """In place: |x| (float32) → c, for block parameters ``p``."""
         raise NotImplementedError
 
+    def input_scale(self, params: Params) -> tuple[np.ndarray, Params] | None:
+        """``(k, shared)`` when :meth:`compress` under ``params`` first multiplies |x| by a
+        float32 factor ``k`` (per tensor, or one per channel) and then depends only on the
+        channel-free parameters ``shared``, under which that factor is exactly 1: the codes
+        are then one monotone function of the product x·k, whatever the channel, and one
+        code table (built once for ``shared``) codes every tensor and channel. None when
+        not (the default)."""
+        return None
+
     def expand(self, c: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
         """c ∈ [0, 1] (float64) → |x̂|, for per-channel columns ``p``."""
+        raise NotImplementedError
+
+    # A mapping whose expand is expand_scaled(expand_unit(c)) with expand_unit free of
+    # per-channel parameters evaluates its transcendental part once per code, not once
+    # per element, when it decodes element by element.
+    separable = False
+
+    def expand_unit(self, c: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+        """The part of :meth:`expand` that depends on c and channel-free parameters only."""
+        raise NotImplementedError
+
+    def expand_scaled(self, u: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`expand` from :meth:`expand_unit`'s values and the per-channel columns."""
         raise NotImplementedError
 
     def fit_extra(self, x: np.ndarray, axis: int | None, bits: int, signed: bool,
@@ -75,21 +100,34 @@ class Compander(Mapping):
         Per-tensor parameters make the codes one monotone step function of the
         input, so a large tensor goes through a :class:`~.blocks.CodeTable` built
         from :meth:`_quantize_direct` itself (identical codes, no transcendental
-        function per element); otherwise :meth:`_quantize_direct` runs block by block.
+        function per element). A mapping whose codes depend on each channel's
+        parameters only through a factor on the input (:meth:`input_scale`) codes
+        smaller and per-channel tensors through one table of the product, shared by
+        every call; otherwise :meth:`_quantize_direct` runs block by block.
         """
         out_dtype = np.dtype(np.int8 if signed else np.uint8)
         per_channel = axis is not None and any(np.ndim(v) for v in params.values())
-        if not per_channel and x.size >= LUT_MIN_SIZE and x.dtype == np.float32:
+        if x.dtype != np.float32:
+            return self._quantize_direct(x, bits, axis, signed, params, out)
+        nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
+        if not per_channel and x.size >= LUT_MIN_SIZE:  # its own table: no product pass
             table = self._table_for(bits, signed, params, out_dtype)
             if table is not None:
-                nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
                 return table.quantize(x, out_dtype, out, nonneg)
+        scaled = self.input_scale(params)
+        if scaled is not None:
+            table = self._table_for(bits, signed, scaled[1], out_dtype, work=x.size)
+            if table is not None:
+                return table.quantize_scaled(x, scaled[0], axis if per_channel else None,
+                                             out_dtype, out, nonneg)
         return self._quantize_direct(x, bits, axis, signed, params, out)
 
-    def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype
-                   ) -> CodeTable | None:
+    def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype,
+                   work: int | None = None) -> CodeTable | None:
         """The code table of per-tensor ``params``, from a small cache (given parameters
-        repeat across calls) or built (a few ms)."""
+        repeat across calls) or built (a few ms). With ``work``, the elements about to be
+        coded, a table not cached yet is built only once the work asked of it adds up to
+        LUT_MIN_SIZE elements (None before), so a single small call does not pay for it."""
         flat = {k: np.asarray(v).reshape(()) for k, v in params.items()}
         key = (self.name, bits, signed,
                tuple((k, v.dtype.str, v.tobytes()) for k, v in sorted(flat.items())))
@@ -97,6 +135,13 @@ class Compander(Mapping):
             if key in _TABLES:
                 _TABLES[key] = table = _TABLES.pop(key)  # most recently used last
                 return table
+            if work is not None:
+                seen = _PENDING.pop(key, 0) + work
+                if seen < LUT_MIN_SIZE:
+                    _PENDING[key] = seen  # most recent last
+                    while len(_PENDING) > _TABLES_MAX:
+                        _PENDING.pop(next(iter(_PENDING)))
+                    return None
         table = CodeTable.build(
             lambda v: self._quantize_direct(v, bits, None, signed, flat), out_dtype)
         with _TABLES_LOCK:
@@ -137,14 +182,16 @@ class Compander(Mapping):
         return out
 
     def levels(self, k: np.ndarray, bits: int, signed: bool,
-               cols: dict[str, np.ndarray]) -> np.ndarray:
+               cols: dict[str, np.ndarray], unit: np.ndarray | None = None) -> np.ndarray:
         """Decoded value (float32) of table indices ``k`` with parameters ``cols``
-        broadcast against them; the one formula behind tables and direct decoding."""
+        broadcast against them; the one formula behind tables and direct decoding.
+        ``unit`` is :meth:`expand_unit` of every index's c, for a separable mapping."""
         top = (1 << bits) - 1
         chat = 2.0 * k / top - 1.0 if signed else k / top
         mag = np.abs(chat)
         with np.errstate(all="ignore"):
-            vals = self.expand(mag, cols)
+            vals = self.expand(mag, cols) if unit is None else \
+                self.expand_scaled(unit[k.astype(np.intp)], cols)
         vals = np.where(mag >= 1.0, cols["max_abs"], vals)  # ±r exactly
         vals = np.where(mag == 0.0, 0.0, vals)
         return (np.sign(chat) * vals).astype(np.float32)
@@ -172,12 +219,19 @@ class Compander(Mapping):
         u, of = codes.reshape(-1).view(np.uint8), out.reshape(-1)
         half, mask = 1 << (bits - 1), (1 << bits) - 1
         cols64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
+        unit = None
+        if self.separable:  # c of every index, exactly as levels forms it
+            idx = np.arange(mask + 1, dtype=np.float64)
+            mag = np.abs(2.0 * idx / mask - 1.0 if signed else idx / mask)
+            with np.errstate(all="ignore"):
+                unit = self.expand_unit(mag, cols64)
         for start, stop, rows, cols, ch in iter_blocks(codes.shape, axis):
-            k = u[start:stop].reshape(rows, cols).astype(np.float64)
-            if signed:
-                k = (k + half) % (mask + 1)
+            k = u[start:stop].reshape(rows, cols)
+            if signed:  # wraps modulo 256, of which mask + 1 is a divisor
+                k = (k + np.uint8(half)) & np.uint8(mask)
+            k = k.astype(np.float64)
             of[start:stop].reshape(rows, cols)[...] = self.levels(
-                k, bits, signed, {n: pick(v, ch) for n, v in cols64.items()})
+                k, bits, signed, {n: pick(v, ch) for n, v in cols64.items()}, unit)
         return out
 
 

@@ -107,8 +107,9 @@ class Log(Compander):
         return out
 
     def levels(self, k: np.ndarray, bits: int, signed: bool,
-               cols: dict[str, np.ndarray]) -> np.ndarray:
-        """Decoded value (float32) of table indices ``k``; signed codes are centred on N/2."""
+               cols: dict[str, np.ndarray], unit: np.ndarray | None = None) -> np.ndarray:
+        """Decoded value (float32) of table indices ``k``; signed codes are centred on N/2.
+        (Not separable: β is per channel, so there is never a ``unit``.)"""
         n = 1 << bits
         m = _magnitudes(bits, signed)
         q = k - (n // 2 if signed else 0)

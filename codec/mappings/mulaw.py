@@ -46,15 +46,36 @@ class MuLaw(Compander):
 
     def compress(self, a: np.ndarray, p: dict[str, np.ndarray]) -> None:
         mu = np.float64(p["mu"])
-        k = mu / p["max_abs"].astype(np.float64)
-        if np.all((k >= _F32_TINY) & (k <= _F32_MAX)):
-            a *= k.astype(np.float32)
+        k = _factor(p)
+        if k is not None:
+            a *= k
         else:  # μ/r is no normal float32 (tiny r, e.g. subnormal data): 0·inf would be NaN
             a /= p["max_abs"]
             a *= np.float32(mu)
         np.log1p(a, out=a)
         a *= np.float32(1.0 / np.log1p(mu))
 
+    def input_scale(self, params: Params) -> tuple[np.ndarray, Params] | None:
+        # compress multiplies by μ/r, then depends on μ alone; with r = μ the factor is 1.
+        k = _factor(params)
+        if k is None:
+            return None
+        mu = np.asarray(params["mu"], np.float32).reshape(())
+        return k, {"mu": mu, "max_abs": mu}
+
+    separable = True  # μ is per tensor: only r varies by channel
+
     def expand(self, c: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
-        mu = p["mu"]
-        return p["max_abs"] * np.expm1(c * np.log1p(mu)) / mu
+        return self.expand_scaled(self.expand_unit(c, p), p)
+
+    def expand_unit(self, c: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+        return np.expm1(c * np.log1p(p["mu"]))
+
+    def expand_scaled(self, u: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
+        return p["max_abs"] * u / p["mu"]
+
+
+def _factor(p: Params) -> np.ndarray | None:
+    """compress's first factor μ/r (float32), or None when it is no normal float32."""
+    k = np.float64(p["mu"]) / np.asarray(p["max_abs"], np.float64)
+    return k.astype(np.float32) if np.all((k >= _F32_TINY) & (k <= _F32_MAX)) else None
