@@ -210,8 +210,7 @@ class _ChunkFile:
         flat = out.view(np.uint8)
         done = 0
         for part in self.parts(self.size):
-            flat[done: done + len(part)] = np.frombuffer(part, np.uint8)
-            done += len(part)
+            done = _place(flat, done, part)
         return out
 
     def tell(self) -> int:
@@ -322,10 +321,8 @@ def decode_msgpack(body: bytes, max_elements: int, max_bytes: int) -> np.ndarray
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def decode_tensor(kind: str, chunks: Sequence[bytes], max_elements: int) -> np.ndarray:
-    """A tensor body, as :func:`read_chunks` returns it."""
-    if kind == NPY:
-        return decode_npy(chunks, max_elements)
+def decode_msgpack_chunks(chunks: Sequence[bytes], max_elements: int) -> np.ndarray:
+    """A MessagePack tensor body, as :func:`read_chunks` returns it."""
     body = b"".join(chunks)
     return decode_msgpack(body, max_elements, len(body))
 

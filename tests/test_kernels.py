@@ -463,14 +463,15 @@ def test_mulaw_codes_of_every_channel_come_from_one_shared_table(
     if not mapping.bit_range(signed)[0] <= bits:
         return
     calls = {"direct": 0, "shared": 0}
-    direct, shared = mapping._quantize_direct, blocks.CodeTable.quantize_scaled
+    direct, table_codes = mapping._quantize_direct, blocks.CodeTable.quantize
     monkeypatch.setattr(mapping, "_quantize_direct",  # on the data, not on a table's probes
                         lambda v, *a, **k: calls.__setitem__("direct", calls["direct"]
                                                              + (v.shape in shapes))
                         or direct(v, *a, **k))
-    monkeypatch.setattr(blocks.CodeTable, "quantize_scaled",
-                        lambda *a, **k: calls.__setitem__("shared", calls["shared"] + 1)
-                        or shared(*a, **k))
+    monkeypatch.setattr(blocks.CodeTable, "quantize",  # of the products x·μ/r
+                        lambda *a, **k: calls.__setitem__("shared", calls["shared"]
+                                                          + (k.get("scale") is not None))
+                        or table_codes(*a, **k))
     rng = np.random.default_rng(bits * 2 + signed)
     shapes = [(3, 5, 67), (2, 64, 3), (1, 16, 7, 7), (700,)]
     for shape in shapes:

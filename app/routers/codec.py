@@ -132,7 +132,7 @@ def _compress(kind: str, body: list[Any], max_elements: int, method: str, bits: 
     be freed early: the array itself for .npy (parsed as it arrived), else the body's chunks."""
     arr = body.pop()
     if kind != bodies.NPY:
-        arr = bodies.decode_tensor(kind, arr, max_elements)
+        arr = bodies.decode_msgpack_chunks(arr, max_elements)
     blob = _encode(arr, method, bits, axis, params)
     return blob, arr.nbytes, _measure(arr, blob)
 

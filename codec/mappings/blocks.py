@@ -435,37 +435,27 @@ class CodeTable:
             np.add(o8, ge.view(np.uint8), out=o8)
         return out
 
-    def quantize_scaled(self, x: np.ndarray, scale: np.ndarray, axis: int | None,
-                        out_dtype: np.dtype, out: np.ndarray | None = None,
-                        nonneg: bool = False) -> np.ndarray:
-        """Codes of the float32 products x·scale of a whole C-contiguous float32 tensor,
-        ``scale`` per tensor (0-d) or one per channel along ``axis``, block by block; the
-        products keep the sign of x, so ``nonneg`` (see :meth:`apply`) still holds."""
+    def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None,
+                 nonneg: bool = False, scale: np.ndarray | None = None,
+                 axis: int | None = None) -> np.ndarray:
+        """Codes of a whole C-contiguous float32 tensor, block by block (``nonneg``: see
+        :meth:`apply`); with ``scale``, of the float32 products x·scale, ``scale`` per
+        tensor (0-d) or one per channel along ``axis`` (the products keep the sign of x,
+        so ``nonneg`` still holds)."""
         if out is None:
             out = np.empty(x.shape, out_dtype)
         xf, of = x.reshape(-1), out.reshape(-1)
         step = min(xf.size, _TABLE_STEP)
-        buf = np.empty(step, np.float32)
         scratch = _scratch(step)
+        buf = None if scale is None else np.empty(step, np.float32)
+        per_channel = scale is not None and np.ndim(scale) > 0
         with np.errstate(over="ignore"):  # |x|·scale past FLT_MAX is inf, as in the mapping
             for start, stop, rows, cols, ch in iter_blocks(
-                    x.shape, None if np.ndim(scale) == 0 else axis, step):
-                t = buf[: stop - start]
-                np.multiply(xf[start:stop].reshape(rows, cols), pick(scale, ch),
-                            out=t.reshape(rows, cols))
-                self.apply(t, of[start:stop], scratch, nonneg)
-        return out
-
-    def quantize(self, x: np.ndarray, out_dtype: np.dtype, out: np.ndarray | None = None,
-                 nonneg: bool = False) -> np.ndarray:
-        """Codes of a whole C-contiguous float32 tensor, block by block (``nonneg``: see
-        :meth:`apply`)."""
-        if out is None:
-            out = np.empty(x.shape, out_dtype)
-        xf, of = x.reshape(-1), out.reshape(-1)
-        step = _TABLE_STEP
-        scratch = _scratch(min(xf.size, step))
-        for start in range(0, xf.size, step):
-            stop = min(start + step, xf.size)
-            self.apply(xf[start:stop], of[start:stop], scratch, nonneg)
+                    x.shape, axis if per_channel else None, step):
+                xb = xf[start:stop]
+                if buf is not None:
+                    xb = buf[: stop - start]
+                    np.multiply(xf[start:stop].reshape(rows, cols), pick(scale, ch),
+                                out=xb.reshape(rows, cols))
+                self.apply(xb, of[start:stop], scratch, nonneg)
         return out

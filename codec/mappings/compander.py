@@ -118,8 +118,8 @@ class Compander(Mapping):
         if scaled is not None:
             table = self._table_for(bits, signed, scaled[1], out_dtype, work=x.size)
             if table is not None:
-                return table.quantize_scaled(x, scaled[0], axis if per_channel else None,
-                                             out_dtype, out, nonneg)
+                return table.quantize(x, out_dtype, out, nonneg, scale=scaled[0],
+                                      axis=axis if per_channel else None)
         return self._quantize_direct(x, bits, axis, signed, params, out)
 
     def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype,
