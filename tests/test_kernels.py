@@ -1,8 +1,8 @@
 """Fast kernels against plain numpy reference implementations: identical codes.
 
 Every fast path (the magic-number uniform quantizer, the fused min/max, the
-code tables of the companders, the block-wise table lookup, the fused signed
-offset of the bit packer) must give exactly what a straightforward whole-array
+code tables and counted steps of the companders, the block-wise table lookup,
+the fused signed offset of the bit packer) must give exactly what a straightforward whole-array
 numpy expression gives, for every method, bit width, sign and axis, and on
 sizes around every block boundary. Block sizes are shrunk here so that small
 tensors cross many of them. No timing is asserted: bench/ reports speed.
@@ -18,7 +18,7 @@ import pytest
 
 import codec
 from codec import bitpack, pipeline
-from codec.mappings import blocks, compander, get, uniform
+from codec.mappings import blocks, compander, get, steps, uniform
 from codec.outbytes import OutBytes
 from test_roundtrip import bcast
 from codec.mappings.base import code_range
@@ -105,6 +105,9 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     monkeypatch.setattr(pipeline._FieldTable, "PAIR_MIN_CODES_LINEAR", 0)
     monkeypatch.setattr(compander, "CHUNK", 64)
     monkeypatch.setattr(compander, "LUT_MIN_SIZE", 100)
+    monkeypatch.setattr(compander, "_STEPS_MIN_RATIO", 0)  # counted steps at any size
+    monkeypatch.setattr(steps, "CHUNK", 64)
+    monkeypatch.setattr(steps, "_FLAGS_BYTES", 1000)
     monkeypatch.setattr(bitpack, "_CHUNK", 64)
     yield 64
 
@@ -400,6 +403,101 @@ def test_compander_codes_match_reference(small_blocks, name: str, bits: int,
 
 
 @pytest.mark.parametrize("name", COMPANDERS)
+@pytest.mark.parametrize("bits", range(1, steps.STEPS_MAX_BITS + 1))
+@pytest.mark.parametrize("signed", [False, True])
+def test_counted_steps_give_the_reference_codes(small_blocks, monkeypatch: pytest.MonkeyPatch,
+                                                name: str, bits: int, signed: bool) -> None:
+    """Codes counted from each channel's steps, per tensor and per channel (μ-law's
+    channels share a table instead, where μ/r is a normal float32), on blocks of one row and of many, with ±inf,
+    ±FLT_MAX, signed zeros, subnormals and exact ties."""
+    mapping = get(name)
+    if not mapping.bit_range(signed)[0] <= bits:
+        return
+    counted = []
+    apply = steps.Steps.apply
+    monkeypatch.setattr(steps.Steps, "apply",
+                        lambda self, x, *a: counted.append(x.size) or apply(self, x, *a))
+    rng = np.random.default_rng(bits * 5 + signed)
+    for shape in [(1000,), (3, 5, 67), (2, 64, 3), (1, 16, 7, 7), (5, 200)]:
+        x = data(rng, shape)
+        if not signed and rng.integers(0, 2):
+            x = np.abs(x)
+        for axis in axes(shape):
+            _, params = mapping.fit(x, bits, axis, signed, {})
+            xx = x.copy()
+            xx.reshape(-1)[:4] = [np.inf, -np.inf, -F32.max, F32.max]  # saturate
+            before = len(counted)
+            got = mapping.quantize(xx, bits, axis, signed, params)
+            np.testing.assert_array_equal(
+                got, ref_compander_quantize(mapping, xx, bits, axis, signed, params),
+                err_msg=f"{shape} axis={axis}")
+            per_channel = axis is not None and any(np.ndim(v) for v in params.values())
+            shared = per_channel and mapping.input_scale(params) is not None
+            assert (len(counted) > before) != shared
+
+
+def _two_step_rows(v: np.ndarray) -> np.ndarray:
+    """A monotone quantizer per row: row 0 steps at 1 and 2; row 1 jumps two codes at 0
+    (two equal steps); row 2 never steps (padded)."""
+    out = np.zeros(v.shape, np.int64)
+    out[0] = (v[0] >= 1).astype(int) + (v[0] >= 2) - 1
+    out[1] = np.where(v[1] >= 0, 1, -1)
+    out[2] = 3
+    return out
+
+
+@pytest.mark.parametrize("guess", [None, "good", "far", "nan"])
+def test_steps_found_whatever_the_guess(guess: str | None) -> None:
+    """Rows with different numbers of steps, a jump of two codes at one value, and a
+    guess that is close, far off or NaN: the same exact steps (a guess only saves time)."""
+    g = {None: None,
+         "good": np.array([[1.0, 2.0], [0.0, 0.0], [5.0, 5.0]]),
+         "far": np.array([[-3e38, 1e-40], [7.0, -7.0], [1.0, 2.0]]),
+         "nan": np.full((3, 2), np.nan)}[guess]
+    st = steps.Steps.build(_two_step_rows, 3, np.dtype(np.int8), g)
+    assert st is not None
+    np.testing.assert_array_equal(st.base, [-1, -1, 3])
+    np.testing.assert_array_equal(st.thr[:, :2], [[1.0, 0.0], [2.0, 0.0]])
+    assert np.isnan(st.thr[:, 2]).all()
+    probe = np.float32([-np.inf, -F32.max, -1.0, -0.0, 0.0, 1e-45, 0.5, 1.0, 1.5, 2.0,
+                        np.nextafter(np.float32(2), np.float32(0)), 3e38, np.inf])
+    rows = np.tile(probe, (3, 1))
+    np.testing.assert_array_equal(st.apply(rows, 0), _two_step_rows(rows))
+
+
+def test_steps_refuse_what_they_cannot_hold() -> None:
+    assert steps.Steps.build(lambda v: (v >= 1).astype(np.int64) * 300, 1,
+                             np.dtype(np.uint8)) is None  # codes beyond the output type
+    assert steps.Steps.build(lambda v: -(v >= 1).astype(np.int64), 1,
+                             np.dtype(np.int8)) is None  # decreasing
+    dip = np.nextafter(np.float32(1), np.float32(2))
+    assert steps.Steps.build(lambda v: ((v >= 1) & (v != dip)).astype(np.int64), 1,
+                             np.dtype(np.uint8)) is None  # not monotone next to its step
+
+
+def test_per_tensor_steps_are_found_once_for_all_segments(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(compander, "_TABLES", {})
+    monkeypatch.setattr(pipeline, "SEGMENT", 1 << 16)
+    builds = []
+    build = steps.Steps.build
+    monkeypatch.setattr(steps.Steps, "build",
+                        lambda *a, **k: builds.append(1) or build(*a, **k))
+    x = data(np.random.default_rng(3), (1, 8, 160, 160))
+    for name in COMPANDERS:
+        builds.clear()
+        blob = codec.encode(x, name, 4)
+        assert len(builds) == 1, name  # 4 segments
+        mapping = get(name)
+        q = codec.quantize(x, name, 4)
+        params = {p.name: q.param(p.name) for p in mapping.params}
+        np.testing.assert_array_equal(
+            codec.decode(blob), mapping.dequantize(
+                ref_compander_quantize(mapping, x, 4, None, q.signed, params), 4, None,
+                q.signed, params))
+
+
+@pytest.mark.parametrize("name", COMPANDERS)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_code_table_at_its_own_steps(name: str, bits: int) -> None:
     """Every step of the table, both of its float32 neighbours and every bucket edge."""
@@ -428,21 +526,24 @@ def test_code_table_at_its_own_steps(name: str, bits: int) -> None:
                                       want[keep])
 
 
-def test_compander_table_is_used_for_large_tensors() -> None:
+@pytest.mark.parametrize("bits", [4, 6])
+def test_large_tensors_get_the_reference_codes(bits: int) -> None:
+    """Counted steps at 4 bits, a code table at 6 (its ``nonneg`` path with x_range)."""
     x = data(np.random.default_rng(0), (blocks.LUT_MIN_SIZE + 3,))
     relu = np.maximum(x, 0)
     relu[::7] = -0.0  # no value below zero, but sign bits set
     for name in COMPANDERS:
         for v, signed in ((x, True), (relu, True), (relu, False)):
-            fitted = _params(name, v, 4, None, signed)
+            fitted = _params(name, v, bits, None, signed)
             if fitted is None:
                 continue
             mapping, is_signed, params = fitted
-            want = ref_compander_quantize(mapping, v, 4, None, is_signed, params)
-            np.testing.assert_array_equal(mapping.quantize(v, 4, None, is_signed, params), want)
+            want = ref_compander_quantize(mapping, v, bits, None, is_signed, params)
+            np.testing.assert_array_equal(mapping.quantize(v, bits, None, is_signed, params),
+                                          want)
             x_range = (float(v.min()), float(v.max()))
             np.testing.assert_array_equal(
-                mapping.quantize(v, 4, None, is_signed, params, x_range=x_range), want)
+                mapping.quantize(v, bits, None, is_signed, params, x_range=x_range), want)
 
 
 @pytest.fixture

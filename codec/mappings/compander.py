@@ -17,17 +17,34 @@ import numpy as np
 
 from .base import Mapping, Params, as_param, channels, has_negative, min_max
 from .blocks import CHUNK, LUT_MIN_SIZE, CodeTable, iter_blocks, pick
+from .steps import STEPS_MAX_BITS, Steps, build_cost
 
 
-# Recently built code tables (~0.8 MiB each: codes, thresholds, two entry tables), keyed
-# by method, bits, sign and parameters.
-_TABLES: dict[tuple[Any, ...], CodeTable | None] = {}
+# Recently built code tables (~0.8 MiB each: codes, thresholds, two entry tables) and
+# per-tensor steps (a few values), keyed by method, bits, sign and parameters.
+_TABLES: dict[tuple[Any, ...], CodeTable | Steps | None] = {}
 _TABLES_MAX = 8
 # Elements coded directly so far under the key of a shared table not built yet: it is built
 # once they pass LUT_MIN_SIZE, about what building costs (see Compander.input_scale).
 _PENDING: dict[tuple[Any, ...], int] = {}
 _TABLES_LOCK = threading.Lock()
+# Elements a call must code per element's worth of work that finding their steps costs
+# (coding directly costs about ten times counting: steps pay once the build is no more).
+_STEPS_MIN_RATIO = 1
 _SMALL_TABLE = 4096  # entries: a table this small is always cheaper than direct decoding
+
+
+def _recall(key: tuple[Any, ...]) -> Any:
+    """A cached table or steps (the caller holds the lock and knows the key is there)."""
+    _TABLES[key] = value = _TABLES.pop(key)  # most recently used last
+    return value
+
+
+def _remember(key: tuple[Any, ...], value: CodeTable | Steps | None) -> None:
+    with _TABLES_LOCK:
+        _TABLES[key] = value
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
 
 
 class Compander(Mapping):
@@ -97,23 +114,33 @@ class Compander(Mapping):
                  x_range: tuple[float, float] | None = None) -> np.ndarray:
         """Codes of C-contiguous float32 ``x``.
 
-        Per-tensor parameters make the codes one monotone step function of the
-        input, so a large tensor goes through a :class:`~.blocks.CodeTable` built
-        from :meth:`_quantize_direct` itself (identical codes, no transcendental
-        function per element). A mapping whose codes depend on each channel's
-        parameters only through a factor on the input (:meth:`input_scale`) codes
-        smaller and per-channel tensors through one table of the product, shared by
-        every call; otherwise :meth:`_quantize_direct` runs block by block.
+        The codes of each channel are one monotone step function of the input, so
+        tensors large enough to pay for it are coded from those steps, found with
+        :meth:`_quantize_direct` itself (identical codes, no transcendental function
+        per element): at up to STEPS_MAX_BITS by counting them (:class:`~.steps.Steps`,
+        per channel), above through a per-tensor :class:`~.blocks.CodeTable`. A
+        mapping whose codes depend on each channel's parameters only through a factor
+        on the input (:meth:`input_scale`) codes per-channel tensors, and per-tensor
+        ones below a table's size, through one table of the product, shared by every
+        call; otherwise :meth:`_quantize_direct` runs block by block.
         """
         out_dtype = np.dtype(np.int8 if signed else np.uint8)
         per_channel = axis is not None and any(np.ndim(v) for v in params.values())
         if x.dtype != np.float32:
             return self._quantize_direct(x, bits, axis, signed, params, out)
         nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
+        # At few bits, counting steps codes about as fast as a table and costs far less to
+        # set up (~1 ms, not ~5): a table is taken there only if it is at hand already.
+        count = bits <= STEPS_MAX_BITS and not (per_channel and self.input_scale(params))
         if not per_channel and x.size >= LUT_MIN_SIZE:  # its own table: no product pass
-            table = self._table_for(bits, signed, params, out_dtype)
+            table = self._table_for(bits, signed, params, out_dtype, cached_only=count)
             if table is not None:
                 return table.quantize(x, out_dtype, out, nonneg)
+        if count:
+            steps = self._steps_for(x, bits, axis if per_channel else None, signed, params,
+                                    out_dtype)
+            if steps is not None:
+                return steps.apply(x, axis if per_channel else None, out)
         scaled = self.input_scale(params)
         if scaled is not None:
             table = self._table_for(bits, signed, scaled[1], out_dtype, work=x.size)
@@ -122,19 +149,62 @@ class Compander(Mapping):
                                       axis=axis if per_channel else None)
         return self._quantize_direct(x, bits, axis, signed, params, out)
 
+    def _steps_for(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
+                   params: Params, out_dtype: np.dtype) -> Steps | None:
+        """The steps of every channel along ``axis`` (of the tensor: None), when ``x`` has
+        enough elements to pay for finding them, else None."""
+        rows = 1 if axis is None else x.shape[axis]
+        if not x.size or x.size < _STEPS_MIN_RATIO * build_cost(rows, (1 << bits) - 1):
+            return None
+        key = None
+        if axis is None:  # the same steps serve every segment of the tensor
+            key = self._key(bits, signed, params) + ("steps",)
+            with _TABLES_LOCK:
+                if key in _TABLES:
+                    return _recall(key)
+        cols = {k: np.broadcast_to(np.reshape(v, -1), (rows,)) for k, v in params.items()}
+        with np.errstate(all="ignore"):
+            guess = self.step_estimates(
+                bits, signed, {k: np.asarray(v, np.float64)[:, None] for k, v in cols.items()})
+        steps = Steps.build(lambda v: self._quantize_direct(v, bits, 0, signed, cols),
+                            rows, out_dtype, guess)
+        if key is not None:
+            _remember(key, steps)
+        return steps
+
+    def step_estimates(self, bits: int, signed: bool, cols: dict[str, np.ndarray]
+                       ) -> np.ndarray:
+        """About where the codes step up, ascending, (rows, steps) float64, for per-channel
+        columns ``cols``: the inverse curve at the midpoints between the levels (a guess
+        that :meth:`Steps.build` checks)."""
+        top = (1 << bits) - 1
+        k = np.arange(top, dtype=np.float64)
+        c = (2 * k + 1) / top - 1 if signed else (k + 0.5) / top
+        # The signed grid's middle step is where float32 c + 1 falls below 1 (a tie at 1
+        # rounds to the upper code), not at c = 0: far from 0 in float32 values.
+        c[c == 0] = -2.0**-25
+        return np.sign(c) * self.expand(np.abs(c)[None, :], cols)
+
+    def _key(self, bits: int, signed: bool, params: Params) -> tuple[Any, ...]:
+        """Cache key of a table or steps: method, bits, sign and per-tensor parameters."""
+        return (self.name, bits, signed, tuple((k, np.asarray(v).dtype.str,
+                                                np.asarray(v).tobytes())
+                                               for k, v in sorted(params.items())))
+
     def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype,
-                   work: int | None = None) -> CodeTable | None:
+                   work: int | None = None, cached_only: bool = False) -> CodeTable | None:
         """The code table of per-tensor ``params``, from a small cache (given parameters
-        repeat across calls) or built (a few ms). With ``work``, the elements about to be
-        coded, a table not cached yet is built only once the work asked of it adds up to
-        LUT_MIN_SIZE elements (None before), so a single small call does not pay for it."""
+        repeat across calls) or built (a few ms; never with ``cached_only``). With
+        ``work``, the elements about to be coded, a table not cached yet is built only once
+        the work asked of it adds up to LUT_MIN_SIZE elements (None before), so a single
+        small call does not pay for it."""
         flat = {k: np.asarray(v).reshape(()) for k, v in params.items()}
-        key = (self.name, bits, signed,
-               tuple((k, v.dtype.str, v.tobytes()) for k, v in sorted(flat.items())))
+        key = self._key(bits, signed, flat)
         with _TABLES_LOCK:
             if key in _TABLES:
-                _TABLES[key] = table = _TABLES.pop(key)  # most recently used last
-                return table
+                return _recall(key)
+            if cached_only:
+                return None
             if work is not None:
                 seen = _PENDING.pop(key, 0) + work
                 if seen < LUT_MIN_SIZE:
@@ -144,10 +214,7 @@ class Compander(Mapping):
                     return None
         table = CodeTable.build(
             lambda v: self._quantize_direct(v, bits, None, signed, flat), out_dtype)
-        with _TABLES_LOCK:
-            _TABLES[key] = table
-            while len(_TABLES) > _TABLES_MAX:
-                _TABLES.pop(next(iter(_TABLES)))
+        _remember(key, table)
         return table
 
     def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,

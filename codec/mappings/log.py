@@ -85,7 +85,7 @@ class Log(Compander):
     def _quantize_direct(self, x: np.ndarray, bits: int, axis: int | None, signed: bool,
                          params: Params, out: np.ndarray | None = None) -> np.ndarray:
         """Codes element by element (block by block): the reference; Compander.quantize
-        takes a table of it for large per-tensor inputs."""
+        takes steps or a table of it for large inputs."""
         m = _magnitudes(bits, signed)
         if out is None:
             out = np.empty(x.shape, np.int8 if signed else np.uint8)
@@ -105,6 +105,16 @@ class Log(Compander):
                 np.maximum(k, 0, out=k)  # unsigned codes: x < 0 saturates to 0, not to |x|
             of[start:stop].reshape(rows, cols)[...] = k
         return out
+
+    def step_estimates(self, bits: int, signed: bool, cols: dict[str, np.ndarray]
+                       ) -> np.ndarray:
+        """Where the codes step up (see Compander): at s/2, then at the geometric midpoints
+        r·β^(j + 1/2 − m) between levels j and j + 1."""
+        m = _magnitudes(bits, signed)
+        r, b = cols["max_abs"], cols["beta"]
+        j = np.arange(1, m, dtype=np.float64)
+        pos = np.concatenate([r * b ** (1.0 - m) / 2, r * b ** (j + 0.5 - m)], axis=1)
+        return np.concatenate([-pos[:, ::-1], pos], axis=1) if signed else pos
 
     def levels(self, k: np.ndarray, bits: int, signed: bool,
                cols: dict[str, np.ndarray], unit: np.ndarray | None = None) -> np.ndarray:
