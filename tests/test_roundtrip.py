@@ -8,6 +8,7 @@ here: valid input must not make the codec compute with inf/NaN behind our back.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -449,6 +450,23 @@ def test_single_huge_outlier(method, outlier, axis) -> None:
     if axis == 0:
         ref = codec.decode(codec.encode(x[:2], method, 8, 0))
         assert np.array_equal(y[:2], ref)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_log_fits_data_spanning_all_of_float32(bits: int, signed: bool) -> None:
+    """Values from subnormals to near FLT_MAX: the fitted β (r over a low quantile, to
+    a root) can pass float32's range; it is kept finite, with no warning, not refused."""
+    x = np.tile(np.float32([3e38, 1e-42, 1.0, -2.0, 5e-40, 0.0]), (2, 40))
+    for axis in (None, 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            blob = codec.encode(x, "log", bits, axis, signed=signed)
+            y = codec.decode(blob)
+        assert np.all(np.isfinite(codec.inspect(blob)["params"]["beta"]))
+        assert np.all(np.isfinite(y))
+        assert np.array_equal(y, codec.dequantize(codec.quantize(x, "log", bits, axis,
+                                                                 signed=signed)))
 
 
 @pytest.mark.parametrize("method", METHODS)

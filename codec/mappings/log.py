@@ -19,6 +19,7 @@ from .base import Param, Params, as_param, channels
 from .blocks import CHUNK, iter_blocks, pick
 from .compander import Compander
 
+_F32_MAX = float(np.finfo(np.float32).max)
 _QUANTILES = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 35.0)
 _SAMPLE = 4096
 
@@ -151,7 +152,9 @@ def _fit_rows(sample: np.ndarray, r: np.ndarray, m: int) -> np.ndarray:
     steps = np.arange(m + 1, dtype=np.float64)
     for q in qs:
         low = np.where(np.isfinite(q) & (q > 0) & (q < r[:, 0]), q, r[:, 0] / 2**12)
-        beta = np.maximum((r[:, 0] / low) ** (1.0 / (m - 1)), 1.0 + 2.0**-16)
+        # β above float32's largest would not survive the stream (data spanning its range)
+        with np.errstate(over="ignore"):
+            beta = np.clip((r[:, 0] / low) ** (1.0 / (m - 1)), 1.0 + 2.0**-16, _F32_MAX)
         lr, lb = np.log(r), np.log(beta)[:, None]
         k_idx = _index(values32, lr, lb, m, k, log_values).astype(np.intp)
         # The m+1 decoded levels of each channel, then one per element: the same float64
