@@ -129,9 +129,10 @@ class Compander(Mapping):
         if x.dtype != np.float32:
             return self._quantize_direct(x, bits, axis, signed, params, out)
         nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
+        scaled = self.input_scale(params)
         # At few bits, counting steps codes about as fast as a table and costs far less to
         # set up (~1 ms, not ~5): a table is taken there only if it is at hand already.
-        count = bits <= STEPS_MAX_BITS and not (per_channel and self.input_scale(params))
+        count = bits <= STEPS_MAX_BITS and not (per_channel and scaled is not None)
         if not per_channel and x.size >= LUT_MIN_SIZE:  # its own table: no product pass
             table = self._table_for(bits, signed, params, out_dtype, cached_only=count)
             if table is not None:
@@ -141,7 +142,6 @@ class Compander(Mapping):
                                     out_dtype)
             if steps is not None:
                 return steps.apply(x, axis if per_channel else None, out)
-        scaled = self.input_scale(params)
         if scaled is not None:
             table = self._table_for(bits, signed, scaled[1], out_dtype, work=x.size)
             if table is not None:
