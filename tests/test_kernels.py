@@ -716,7 +716,7 @@ def test_table_decode_equals_dequantize_at_every_size(small_blocks, monkeypatch,
     used = []
     real = pipeline._FieldTable.decode
     monkeypatch.setattr(pipeline._FieldTable, "decode",
-                        lambda self, src, dst: (used.append(self.k), real(self, src, dst)))
+                        lambda self, *a: (used.append(self.k), real(self, *a)))
     mapping = get(method)
     rng = np.random.default_rng(7)
     for bits in range(1, 8):
@@ -741,17 +741,60 @@ def test_table_decode_equals_dequantize_at_every_size(small_blocks, monkeypatch,
                     .astype(np.float16))
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_per_channel_table_decode_equals_dequantize(small_blocks, monkeypatch,
+                                                    method: str, bits: int) -> None:
+    """Per-channel streams decode through one table per channel: the very floats of
+    unpack + dequantize, for runs within a block, across blocks and split over segments,
+    channels repeated over a batch, into new arrays, into ``out`` and to float16."""
+    monkeypatch.setattr(pipeline._FieldTable, "CHANNEL_TABLES_SHARE", 0)  # any size
+    per_channel = []
+    real = pipeline._FieldTable.decode
+    monkeypatch.setattr(pipeline._FieldTable, "decode",
+                        lambda self, src, dst, rows=None: (per_channel.append(rows is not None),
+                                                           real(self, src, dst, rows)))
+    mapping = get(method)
+    rng = np.random.default_rng(bits)
+    for signed in (False, True):
+        lo, hi = mapping.bit_range(signed)
+        if not lo <= bits <= hi:
+            continue
+        for shape, axis in [((3, 5, 16), 1), ((2, 4, 200), 1), ((6, 40), 0), ((4, 3, 8, 2), 2),
+                            ((2, 3, 10), 1)]:
+            x = data(rng, shape)
+            blob = codec.encode(x, method, bits, axis, signed=signed)
+            want = codec.dequantize(codec.decode_qtensor(blob))
+            per_channel.clear()
+            np.testing.assert_array_equal(codec.decode(blob).view(np.uint32),
+                                          want.view(np.uint32), err_msg=f"{shape} {axis}")
+            whole = int(np.prod(shape[axis + 1:])) % (8 // bits) == 0
+            assert (bool(per_channel) and all(per_channel)) == whole, (shape, axis)
+            out = np.full(shape, np.nan, np.float32)
+            codec.decode(blob, out=out)
+            np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+            half = codec.encode(x.astype(np.float16), method, bits, axis, signed=signed)
+            np.testing.assert_array_equal(
+                codec.decode(half),
+                codec.dequantize(codec.decode_qtensor(half)).astype(np.float16))
+
+
 def test_pair_tables_only_for_tensors_that_pay_for_them() -> None:
     """A pair table has 2**(2*bits) entries: small tensors unpack instead, and linear
     codes (cheap to dequantize) need a larger tensor than compander codes."""
     usable = pipeline._FieldTable.usable
     lin, mu = get("linear"), get("mulaw")
-    assert usable(lin, 4, False, 1) and usable(lin, 1, False, 3) and usable(mu, 2, False, 5)
-    assert not usable(lin, 8, False, 1 << 24) and not usable(mu, 8, False, 1 << 24)
-    assert not usable(mu, 5, True, 1 << 24) and not usable(lin, 4, False, 0)
-    assert not usable(mu, 7, False, (16 << 14) - 1) and usable(mu, 7, False, 16 << 14)
-    assert usable(mu, 3, False, 1 << 10) and not usable(mu, 3, False, 1000)
-    assert not usable(lin, 3, False, (1 << 20) - 1) and usable(lin, 7, False, 1 << 20)
+    assert usable(lin, 4, 1) and usable(lin, 1, 3) and usable(mu, 2, 5)
+    assert not usable(lin, 8, 1 << 24) and not usable(mu, 8, 1 << 24)
+    assert not usable(lin, 4, 0)
+    assert not usable(mu, 7, (16 << 14) - 1) and usable(mu, 7, 16 << 14)
+    assert usable(mu, 3, 1 << 10) and not usable(mu, 3, 1000)
+    assert not usable(lin, 3, (1 << 20) - 1) and usable(lin, 7, 1 << 20)
+    # Per channel: byte fields whole in every run, tables at most a quarter of the output.
+    assert usable(mu, 4, 256 * 2048, (256, 2048)) and not usable(mu, 4, 256 * 2047, (256, 2047))
+    assert not usable(mu, 4, 256 * 2046, (256, 2046))  # 4 KiB of tables per 8 KiB of floats
+    assert usable(lin, 2, 8 * 4096, (8, 4096)) and not usable(lin, 2, 8 * 4094, (8, 4094))
+    assert not usable(mu, 5, 1 << 24, (2, 1 << 23)) and not usable(mu, 8, 1 << 24, (2, 1 << 23))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
