@@ -131,10 +131,10 @@ class Compander(Mapping):
         nonneg = x_range is not None and x_range[0] >= 0  # -0.0 counts as 0
         scaled = self.input_scale(params)
         # At few bits, counting steps codes about as fast as a table and costs far less to
-        # set up (~1 ms, not ~5): a table is taken there only if it is at hand already.
+        # set up (~1 ms, not ~5): no table of its own there.
         count = bits <= STEPS_MAX_BITS and not (per_channel and scaled is not None)
-        if not per_channel and x.size >= LUT_MIN_SIZE:  # its own table: no product pass
-            table = self._table_for(bits, signed, params, out_dtype, cached_only=count)
+        if not count and not per_channel and x.size >= LUT_MIN_SIZE:  # no product pass
+            table = self._table_for(bits, signed, params, out_dtype)
             if table is not None:
                 return table.quantize(x, out_dtype, out, nonneg)
         if count:
@@ -192,19 +192,16 @@ class Compander(Mapping):
                                                for k, v in sorted(params.items())))
 
     def _table_for(self, bits: int, signed: bool, params: Params, out_dtype: np.dtype,
-                   work: int | None = None, cached_only: bool = False) -> CodeTable | None:
+                   work: int | None = None) -> CodeTable | None:
         """The code table of per-tensor ``params``, from a small cache (given parameters
-        repeat across calls) or built (a few ms; never with ``cached_only``). With
-        ``work``, the elements about to be coded, a table not cached yet is built only once
-        the work asked of it adds up to LUT_MIN_SIZE elements (None before), so a single
-        small call does not pay for it."""
+        repeat across calls) or built (a few ms). With ``work``, the elements about to be
+        coded, a table not cached yet is built only once the work asked of it adds up to
+        LUT_MIN_SIZE elements (None before), so a single small call does not pay for it."""
         flat = {k: np.asarray(v).reshape(()) for k, v in params.items()}
         key = self._key(bits, signed, flat)
         with _TABLES_LOCK:
             if key in _TABLES:
                 return _recall(key)
-            if cached_only:
-                return None
             if work is not None:
                 seen = _PENDING.pop(key, 0) + work
                 if seen < LUT_MIN_SIZE:
